@@ -1,0 +1,43 @@
+"""lorakit: LoRA for PyTorch and transformers models, with PEFT's API and PEFT's files.
+
+Change `from peft import ...` to `from lorakit import ...`; adapters saved by either library load
+in the other.
+"""
+
+from .config import LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
+from .model import LoraModel
+from .peft_model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from .utils import prepare_model_for_kbit_training
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoftQConfig",
+    "LoraConfig",
+    "LoraModel",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "prepare_model_for_kbit_training",
+    "set_peft_model_state_dict",
+]

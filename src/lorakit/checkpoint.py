@@ -1,0 +1,249 @@
+"""PEFT's on-disk format: key names, safetensors, atomic writes, validation on load.
+
+File keys are the in-memory names under `base_model.model.` with the adapter name removed:
+`<path>.lora_A.weight`, `<path>.lora_embedding_A`, modules_to_save copies at their own path
+(`classifier.weight`). The mapping is built from the model's structure, never by string
+replacement, so an adapter name that also occurs in a module path cannot corrupt it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .layers.base import ModulesToSaveWrapper
+from .layers.lora import Embedding, LoraLayer
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+# Embedding layers whose full base weight PEFT saves with the adapter when they are targeted
+# (`save_embedding_layers="auto"`): their rows may have been resized or retrained.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One file key's place in memory: the tensor, and whether a file must contain it."""
+
+    tensor: torch.Tensor
+    required: bool
+
+
+def adapter_slots(
+    model: nn.Module, adapter_name: str, bias: str, save_embedding_layers: bool
+) -> dict[str, Slot]:
+    """File key -> in-memory tensor for adapter `adapter_name` of the adapted `model`.
+
+    Args:
+        model: the inner model (`LoraModel.model`) holding the adapter layers.
+        bias: the adapter's bias mode; "all" / "lora_only" add the trained biases (optional on load,
+            since PEFT files do not always carry them).
+        save_embedding_layers: also map the base weight of targeted embedding layers.
+    """
+    slots: dict[str, Slot] = {}
+    adapted_bias_owners: set[str] = set()
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            for key, tensor in _lora_tensors(module, adapter_name):
+                slots[f"{PREFIX}{path}.{key}"] = Slot(tensor, required=True)
+            base_bias = getattr(module.base_layer, "bias", None)
+            if bias in ("all", "lora_only") and isinstance(base_bias, torch.Tensor):
+                slots[f"{PREFIX}{path}.base_layer.bias"] = Slot(base_bias, required=False)
+                adapted_bias_owners.add(f"{path}.base_layer")
+            if (
+                save_embedding_layers
+                and isinstance(module, Embedding)
+                and path.endswith(EMBEDDING_LAYER_NAMES)
+            ):
+                slots[f"{PREFIX}{path}.base_layer.weight"] = Slot(module.base_layer.weight, required=False)
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for key, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                slots[f"{PREFIX}{path}.{key}"] = Slot(tensor, required=True)
+    if bias == "all":
+        for name, tensor in _all_biases(model, adapter_name):
+            slots.setdefault(f"{PREFIX}{name}", Slot(tensor, required=False))
+    return slots
+
+
+def _lora_tensors(layer: LoraLayer, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if adapter_name in layer.lora_A:
+        yield "lora_A.weight", layer.lora_A[adapter_name].weight
+        lora_b = layer.lora_B[adapter_name]
+        yield "lora_B.weight", lora_b.weight
+        if lora_b.bias is not None:
+            yield "lora_B.bias", lora_b.bias
+    if adapter_name in layer.lora_embedding_A:
+        yield "lora_embedding_A", layer.lora_embedding_A[adapter_name]
+        yield "lora_embedding_B", layer.lora_embedding_B[adapter_name]
+
+
+def _all_biases(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every bias outside the adapters, named as PEFT names them in a bias="all" file."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        parts = name.split(".")
+        if parts[-1] != "bias" or any(p.startswith("lora_") for p in parts):
+            continue
+        if "modules_to_save" in parts:
+            i = parts.index("modules_to_save")
+            if parts[i + 1] != adapter_name:
+                continue
+            name = ".".join(parts[: i + 1] + parts[i + 2 :])
+        yield name, tensor
+
+
+def save_adapter_files(
+    directory: str, tensors: dict[str, torch.Tensor], config_text: str, safe: bool
+) -> None:
+    """Write the weights file and `adapter_config.json` so that no reader sees a mixed state.
+
+    Both files are written under temporary names first; the old config is removed before the new
+    weights take its place, so an interrupted save leaves either the old adapter, or a folder
+    without config (which loading reports), never new weights under an old config.
+    """
+    from .config import CONFIG_NAME
+
+    os.makedirs(directory, exist_ok=True)
+    weights_name = SAFETENSORS_NAME if safe else BIN_NAME
+    tensors = _unshared(tensors)
+    tmp_weights = _temp_path(directory, weights_name)
+    tmp_config = _temp_path(directory, CONFIG_NAME)
+    try:
+        if safe:
+            save_file(tensors, tmp_weights, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, tmp_weights)
+        _fsync(tmp_weights)
+        with open(tmp_config, "w", encoding="utf-8") as fh:
+            fh.write(config_text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        config_path = os.path.join(directory, CONFIG_NAME)
+        if os.path.exists(config_path):
+            os.remove(config_path)
+        os.replace(tmp_weights, os.path.join(directory, weights_name))
+        os.replace(tmp_config, config_path)
+        stale = os.path.join(directory, BIN_NAME if safe else SAFETENSORS_NAME)
+        if os.path.exists(stale):
+            os.remove(stale)  # a leftover of the other format would shadow or contradict this save
+    finally:
+        for tmp in (tmp_weights, tmp_config):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    tmp = _temp_path(os.path.dirname(path) or ".", os.path.basename(path))
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
+    """Read the adapter weights in `directory` (safetensors, or a `.bin` loaded with weights_only).
+
+    Raises:
+        FileNotFoundError: no weights file.
+        ValueError: the file is unreadable (corrupted or truncated).
+    """
+    safe_path = os.path.join(directory, SAFETENSORS_NAME)
+    bin_path = os.path.join(directory, BIN_NAME)
+    if os.path.isfile(safe_path):
+        try:
+            return load_file(safe_path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ValueError(
+                f"{safe_path} is not a readable safetensors file ({err}); it is corrupted or was not fully "
+                "written. Save the adapter again or restore it from a good copy."
+            ) from None
+    if os.path.isfile(bin_path):
+        try:
+            state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for bad or unsafe pickles
+            raise ValueError(
+                f"{bin_path} could not be loaded with weights_only=True ({type(err).__name__}: {err}); lorakit "
+                "never unpickles arbitrary objects. Re-save the adapter with safe_serialization=True."
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"{bin_path} does not hold a flat dict of tensors; it is not an adapter file.")
+        return state
+    raise FileNotFoundError(
+        f"No {SAFETENSORS_NAME} or {BIN_NAME} in {directory!r}: this folder holds no adapter weights."
+    )
+
+
+def check_fits(slots: dict[str, Slot], state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a ValueError naming the first offending keys unless `state` fits `slots` exactly."""
+    unexpected = sorted(set(state) - set(slots))
+    missing = sorted(k for k, s in slots.items() if s.required and k not in state)
+    wrong_shape = sorted(
+        f"{k}: file {tuple(state[k].shape)}, model {tuple(slots[k].tensor.shape)}"
+        for k in set(state) & set(slots)
+        if state[k].shape != slots[k].tensor.shape
+    )
+    problems = []
+    if wrong_shape:
+        problems.append(f"shape mismatch for {_first(wrong_shape)}")
+    if missing:
+        problems.append(f"missing keys {_first(missing)}")
+    if unexpected:
+        problems.append(
+            f"unexpected keys {_first(unexpected)} (the model expects keys like {_first(sorted(slots))})"
+        )
+    if problems:
+        raise ValueError(
+            f"The adapter weights in {source} do not fit this model: "
+            + "; ".join(problems)
+            + ". Load it on the "
+            "base model it was trained on, with its own adapter_config.json (r, target_modules, rank_pattern)."
+        )
+
+
+def copy_into(slots: dict[str, Slot], state: dict[str, torch.Tensor]) -> None:
+    """Copy every file tensor into its slot (dtype and device follow the model)."""
+    with torch.no_grad():
+        for key, value in state.items():
+            target = slots[key].tensor
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached contiguous copies; a storage seen twice is cloned (safetensors forbids sharing)."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach()
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone().contiguous() if ptr in seen else tensor.contiguous()
+        seen.add(ptr)
+    return out
+
+
+def _temp_path(directory: str, name: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return path
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _first(items: list[str], limit: int = 3) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")

@@ -1,0 +1,245 @@
+"""`AdapterLayer`: the one home of adapter bookkeeping shared by every layer type.
+
+A wrapped module keeps the original as `base_layer` and adapters by name. Merge, unmerge,
+enable/disable, the active set and deletion live here once; a layer type only says how to build an
+adapter, compute its weight change and run its forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """Base class of adapted layers.
+
+    Subclasses set `adapter_layer_names` (containers holding trainable per-adapter tensors, keyed
+    by adapter name) and `other_param_names` (per-adapter dicts of plain values), and implement
+    `get_delta_weight(name)`, the change adapter `name` makes to `base_layer.weight`, in the base
+    weight's own layout and dtype.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.frozen_adapters: set[str] = set()  # adapters in inference mode never train
+        self.module_name = ""  # set by the model, used in error messages
+
+    # ---- the active set -------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter this layer holds, in insertion order."""
+        names: dict[str, None] = {}
+        for container in self.adapter_layer_names:
+            names.update(dict.fromkeys(getattr(self, container).keys()))
+        return list(names)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make `adapter_names` the active set; active adapters train unless loaded for inference
+        (`frozen_adapters`), the others freeze."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for container in self.adapter_layer_names:
+            for key, holder in getattr(self, container).items():
+                holder.requires_grad_(key in names and key not in self.frozen_adapters)
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Switch the adapters on or off; off means the base layer alone (frozen adapters)."""
+        if enabled:
+            self.set_adapter(self._active_adapter)
+        else:
+            for container in self.adapter_layer_names:
+                getattr(self, container).requires_grad_(False)
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove `adapter_name`; if it was active, the first remaining adapter becomes active."""
+        if adapter_name in self.merged_adapters:
+            raise ValueError(
+                f"Adapter {adapter_name!r} is merged into {self.module_name or 'this layer'}; "
+                "unmerge_adapter() before deleting it."
+            )
+        for container in self.adapter_layer_names + self.other_param_names:
+            holder = getattr(self, container)
+            if adapter_name in holder:
+                del holder[adapter_name]
+        if adapter_name in self._active_adapter:
+            remaining = [n for n in self._active_adapter if n != adapter_name]
+            if not remaining and self.adapter_names:
+                remaining = [self.adapter_names[0]]
+            self.set_adapter(remaining)
+
+    # ---- merging ----------------------------------------------------------------------------
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def get_delta_bias(self, adapter_name: str) -> torch.Tensor | None:
+        """The change `adapter_name` makes to the base bias (lora_bias), or None."""
+        return None
+
+    def check_finite(self, adapter_name: str, with_base: bool) -> None:
+        """Raise if the adapter (or, with `with_base`, the merged weight) holds NaN or Inf."""
+        where = f"adapter {adapter_name!r} in module {self.module_name or type(self.base_layer).__name__!r}"
+        for container in self.adapter_layer_names:
+            holder = getattr(self, container)
+            if adapter_name in holder:
+                for tensor in _tensors(holder[adapter_name]):
+                    if not torch.isfinite(tensor).all():
+                        raise ValueError(
+                            f"NaN/Inf in {where} ({container}); refusing to merge. The adapter is broken "
+                            "(diverged training?): load a good checkpoint or retrain with a lower learning rate."
+                        )
+        if with_base:
+            merged = self.base_layer.weight.detach() + self.get_delta_weight(adapter_name)
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"Merging {where} would put NaN/Inf into the base weight; refusing to merge "
+                    "(the base weights are unchanged)."
+                )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the weight change of `adapter_names` (default: the active ones) into the base weight.
+
+        Args:
+            safe_merge: check the merged weight for NaN/Inf before writing it.
+        Raises:
+            ValueError: non-finite adapter weights (checked always) or merged weights (safe_merge);
+                the base layer is unchanged then.
+        """
+        names = self._mergeable(adapter_names)
+        for name in names:
+            self.check_finite(name, with_base=safe_merge)
+        weight = self.base_layer.weight
+        for name in names:
+            with torch.no_grad():
+                weight.data += self.get_delta_weight(name)
+                delta_bias = self.get_delta_bias(name)
+                if delta_bias is not None:
+                    self._base_bias_for_merge().data += delta_bias
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's weight change, newest first."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                self.base_layer.weight.data -= self.get_delta_weight(name)
+                delta_bias = self.get_delta_bias(name)
+                if delta_bias is not None:
+                    self.base_layer.bias.data -= delta_bias
+
+    def _mergeable(self, adapter_names: list[str] | None) -> list[str]:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        held = set(self.adapter_names)
+        return [n for n in names if n in held and n not in self.merged_adapters]
+
+    def _base_bias_for_merge(self) -> nn.Parameter:
+        base = self.base_layer
+        if base.bias is None:
+            out_features = (
+                base.weight.shape[1] if getattr(self, "fan_in_fan_out", False) else base.weight.shape[0]
+            )
+            base.bias = nn.Parameter(
+                torch.zeros(out_features, dtype=base.weight.dtype, device=base.weight.device),
+                requires_grad=False,
+            )
+        return base.bias
+
+    def __repr__(self) -> str:
+        return f"lorakit.{type(self).__name__}(\n  {super().__repr__()}\n)"
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full: one copy per adapter beside the frozen original.
+
+    `original_module` runs when adapters are disabled or the active adapter has no copy.
+    """
+
+    def __init__(self, module: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.frozen_adapters: set[str] = set()
+        self.add_copy(adapter_name)
+
+    def add_copy(self, adapter_name: str) -> None:
+        import copy
+
+        module_copy = copy.deepcopy(self.original_module)
+        module_copy.requires_grad_(True)
+        self.modules_to_save[adapter_name] = module_copy
+        self.original_module.requires_grad_(False)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for key, module in self.modules_to_save.items():
+            module.requires_grad_(key in names and key not in self.frozen_adapters)
+        self._active_adapter = names
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if adapter_name in self._active_adapter:
+            self.set_adapter([n for n in self._active_adapter if n != adapter_name])
+
+    def current_module(self) -> nn.Module:
+        """The module the forward uses now."""
+        if not self._disable_adapters:
+            for name in self._active_adapter:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.current_module()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            # user code reads attributes of the wrapped module (e.g. `classifier.out_features`)
+            return getattr(self.current_module(), name)
+
+
+def _tensors(holder) -> list[torch.Tensor]:
+    if isinstance(holder, torch.Tensor):
+        return [holder]
+    return [p for p in holder.parameters()]

@@ -1,0 +1,281 @@
+"""LoRA layers: `W x + scaling * B A dropout(x)` (Hu et al., 2021, arXiv:2106.09685).
+
+Each class only says how to build one adapter, compute its weight change and run its forward;
+everything else (active set, merge/unmerge, deletion) is `AdapterLayer`'s. Parameter names are
+PEFT's (`lora_A.<adapter>.weight`, `lora_B`, `lora_embedding_A.<adapter>`, ...), because user code
+picks parameters out of `named_parameters()` by these names.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..config import LoraConfig
+from ..targeting import TargetPlan
+from .base import AdapterLayer
+
+
+def is_gpt2_conv1d(module: nn.Module) -> bool:
+    """True for transformers' `Conv1D` (a linear layer whose weight is stored (in, out))."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters of half-precision bases are kept in float32 (PEFT's autocast_adapter_dtype)."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraLayer(AdapterLayer):
+    """Per-adapter state common to every LoRA layer: rank, alpha, scaling and dropout by name."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def update_layer(self, adapter_name: str, plan: TargetPlan, config: LoraConfig) -> None:
+        """Create adapter `adapter_name` with the planned rank/alpha and initialise it."""
+        self.r[adapter_name] = plan.r
+        self.lora_alpha[adapter_name] = plan.alpha
+        self.scaling[adapter_name] = plan.scaling
+        p = float(config.lora_dropout)
+        self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        weight = self.base_layer.weight
+        self._create(adapter_name, plan.r, config, {"device": weight.device, "dtype": adapter_dtype(weight)})
+        self._initialise(adapter_name, config.init_lora_weights)
+
+    def _create(self, adapter_name: str, r: int, config: LoraConfig, factory: dict) -> None:
+        """Add the adapter's modules; `factory` holds the device and dtype for new tensors."""
+        raise NotImplementedError
+
+    def _initialise(self, adapter_name: str, init: bool | str) -> None:
+        """True: Kaiming-uniform A (a=sqrt(5)), zero B. "gaussian": A ~ N(0, std=1/r), zero B.
+        False: A and B both random (the adapter changes the model from the start)."""
+        a = self.lora_A[adapter_name].weight
+        b = self.lora_B[adapter_name]
+        with torch.no_grad():
+            if init is False:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(b.weight, a=math.sqrt(5))
+                return
+            if init == "gaussian":
+                nn.init.normal_(a, std=1 / self.r[adapter_name])
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            nn.init.zeros_(b.weight)
+            if b.bias is not None:
+                nn.init.zeros_(b.bias)
+
+    def get_delta_bias(self, adapter_name: str) -> torch.Tensor | None:
+        bias = self.lora_B[adapter_name].bias if adapter_name in self.lora_B else None
+        if bias is None:
+            return None
+        return (bias * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)
+
+    def _active_here(self) -> list[str]:
+        return [n for n in self._active_adapter if n in self.r]
+
+    def _use_base_only(self) -> bool:
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return True
+        return self.merged
+
+
+class Linear(LoraLayer):
+    """LoRA on `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out`: weight stored (in, out)).
+
+    Shapes: x (..., in_features) -> (..., out_features); A (r, in_features); B (out_features, r).
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        weight = base_layer.weight
+        self.in_features, self.out_features = weight.shape if fan_in_fan_out else weight.shape[::-1]
+
+    def _create(self, adapter_name: str, r: int, config: LoraConfig, factory: dict) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """`scaling * B @ A`, shaped like the base weight ((in, out) when fan_in_fan_out)."""
+        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
+        delta = delta * self.scaling[adapter_name]
+        return (delta.t() if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._use_base_only():
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._active_here():
+            b = self.lora_B[name]
+            result = kernels.add_lora_linear(
+                result,
+                x,
+                self.lora_A[name].weight,
+                b.weight,
+                b.bias,
+                self.scaling[name],
+                self.lora_dropout[name],
+            )
+        return result
+
+
+class Embedding(LoraLayer):
+    """LoRA on `nn.Embedding`: rows of A (r, num_embeddings) are looked up, then projected by
+    B (embedding_dim, r). Default init is the reverse of Linear's: A zero, B normal.
+
+    Dropout does not apply: there is no float input to drop (PEFT ignores it too; a warning says so).
+    """
+
+    def _create(self, adapter_name: str, r: int, config: LoraConfig, factory: dict) -> None:
+        if config.lora_bias:
+            raise ValueError(
+                f"lora_bias=True is not supported on Embedding {self.module_name!r}; "
+                "exclude it from target_modules or set lora_bias=False."
+            )
+        if config.lora_dropout > 0:
+            warnings.warn(
+                f"lora_dropout={config.lora_dropout} has no effect on Embedding {self.module_name!r}: "
+                "token ids cannot be dropped out.",
+                stacklevel=5,
+            )
+        num, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, num, **factory))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(dim, r, **factory))
+
+    def _initialise(self, adapter_name: str, init: bool | str) -> None:
+        a, b = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        with torch.no_grad():
+            if init is False:
+                nn.init.normal_(a)
+                nn.init.normal_(b)
+            elif init == "gaussian":
+                nn.init.normal_(a, std=1 / self.r[adapter_name])
+                nn.init.zeros_(b)
+            else:
+                nn.init.zeros_(a)
+                nn.init.normal_(b)
+
+    def get_delta_bias(self, adapter_name: str) -> None:
+        return None
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """`scaling * (B @ A)^T`, shape (num_embeddings, embedding_dim)."""
+        delta = (self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]).t()
+        return (delta * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._use_base_only():
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._active_here():
+            result = kernels.add_lora_embedding(
+                result,
+                x,
+                self.lora_embedding_A[name],
+                self.lora_embedding_B[name],
+                self.scaling[name],
+                self.base_layer,
+            )
+        return result
+
+
+class Conv(LoraLayer):
+    """LoRA on `nn.Conv1d/2d/3d`: A is a rank-r convolution with the base kernel, stride, padding
+    and dilation; B is a pointwise (1x1) convolution. Weight change:
+    `delta[o, i, k...] = scaling * sum_r B[o, r] A[r, i, k...]`.
+    """
+
+    def _create(self, adapter_name: str, r: int, config: LoraConfig, factory: dict) -> None:
+        base = self.base_layer
+        if base.groups != 1:
+            raise NotImplementedError(
+                f"LoRA on grouped convolution {self.module_name!r} (groups={base.groups}) is not implemented; "
+                "exclude it from target_modules."
+            )
+        conv_cls = type(base) if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else _conv_class(base)
+        self.lora_A[adapter_name] = conv_cls(
+            base.in_channels,
+            r,
+            base.kernel_size,
+            base.stride,
+            base.padding,
+            base.dilation,
+            bias=False,
+            padding_mode=base.padding_mode,
+            **factory,
+        )
+        ones = (1,) * len(base.kernel_size)
+        self.lora_B[adapter_name] = conv_cls(
+            r, base.out_channels, ones, ones, bias=config.lora_bias, **factory
+        )
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a = self.lora_A[adapter_name].weight
+        b = self.lora_B[adapter_name].weight
+        delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
+        return (delta * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._use_base_only():
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._active_here():
+            b = self.lora_B[name]
+            result = kernels.add_lora_conv(
+                result, x, self.lora_A[name], b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
+            )
+        return result
+
+
+def _conv_class(base: nn.Module) -> type[nn.Module]:
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[base.weight.dim() - 2]
+
+
+def create_lora_layer(target: nn.Module, config: LoraConfig, name: str) -> LoraLayer:
+    """Wrap `target` in the LoRA layer for its type (no adapter added yet).
+
+    Raises:
+        ValueError: `target` is not a layer type LoRA supports.
+    """
+    if isinstance(target, nn.Embedding):
+        layer: LoraLayer = Embedding(target)
+    elif isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        layer = Conv(target)
+    elif isinstance(target, nn.Linear):
+        if config.fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out=True, but {name!r} is an nn.Linear (weight stored (out, in)); using False.",
+                stacklevel=4,
+            )
+            config.fan_in_fan_out = False
+        layer = Linear(target, fan_in_fan_out=False)
+    elif is_gpt2_conv1d(target):
+        if not config.fan_in_fan_out:
+            warnings.warn(
+                f"{name!r} is a transformers Conv1D (weight stored (in, out)); setting fan_in_fan_out=True.",
+                stacklevel=4,
+            )
+            config.fan_in_fan_out = True
+        layer = Linear(target, fan_in_fan_out=True)
+    else:
+        raise ValueError(f"{name!r} is a {type(target).__name__}, which LoRA cannot adapt.")
+    layer.module_name = name
+    return layer

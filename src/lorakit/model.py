@@ -1,0 +1,310 @@
+"""`LoraModel`: carries out a targeting plan on a model and runs the adapter lifecycle.
+
+Injection is all-or-nothing: if any module cannot take the adapter, every module touched is put
+back and the error is raised, so a failed call leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import LoraConfig, PeftConfig
+from .layers.base import AdapterLayer, ModulesToSaveWrapper
+from .layers.lora import LoraLayer, create_lora_layer, is_gpt2_conv1d
+from .targeting import name_matches, plan_targets, resolve_target_modules
+
+
+def module_kind(module: nn.Module) -> str:
+    """The coarse kind the targeting plan works with (see `targeting.plan_targets`)."""
+    if isinstance(module, LoraLayer):
+        return "adapted:" + module_kind(module.base_layer)
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if is_gpt2_conv1d(module):
+        return "conv1d_gpt2"
+    return "other:" + type(module).__name__
+
+
+class LoraModel(nn.Module):
+    """A model with LoRA adapters injected (PEFT's `LoraModel`).
+
+    Args:
+        model: any `nn.Module`; its target modules are replaced in place by LoRA layers that keep
+            the original as `base_layer`.
+        config: a `LoraConfig`, or a dict {adapter_name: LoraConfig} as PEFT accepts.
+        adapter_name: name of the first adapter.
+    """
+
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, config: LoraConfig | dict, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active_adapter: list[str] = [adapter_name]
+        if isinstance(config, dict):
+            config = config[adapter_name]
+        self.inject_adapter(adapter_name, config)
+
+    # ---- pass-through ----------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ---- the active set --------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate `adapter_name` (one name, or several to sum their outputs)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; this model has {list(self.peft_config)}.")
+        for layer in self._adapter_modules():
+            layer.set_adapter(names)
+        self._active_adapter = names
+
+    def enable_adapter_layers(self) -> None:
+        """Use the adapters again after `disable_adapter_layers`."""
+        for layer in self._adapter_modules():
+            layer.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base model alone (merged adapters are unmerged on the next forward)."""
+        for layer in self._adapter_modules():
+            layer.enable_adapters(False)
+
+    # ---- adding and removing ---------------------------------------------------------------
+    def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+        """Add adapter `adapter_name` to every module the config selects.
+
+        Raises:
+            ValueError / NotImplementedError: bad or unsupported config; the model is unchanged.
+        """
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"LoraModel takes a LoraConfig, got {type(config).__name__}.")
+        config.check_supported()
+        if self.peft_config and (
+            config.bias != "none" or any(c.bias != "none" for c in self.peft_config.values())
+        ):
+            raise ValueError(
+                "Several adapters on one model need bias='none' on all of them: a trained base bias "
+                "cannot belong to one adapter. Use lora_bias=True for a per-adapter bias instead."
+            )
+        config = copy.deepcopy(config)
+        kinds = {name: module_kind(module) for name, module in self.model.named_modules()}
+        model_config = getattr(self.model, "config", None)
+        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        output_head = next(
+            (n for n, m in self.model.named_modules() if output is not None and m is output), None
+        )
+        config.target_modules = resolve_target_modules(
+            config, kinds, getattr(model_config, "model_type", None), output_head
+        )
+        plan = plan_targets(kinds, config, config.target_modules)
+        save_names = self._modules_to_save_targets(config, kinds, set(plan))
+        undo: list = []
+        try:
+            for name, target_plan in plan.items():
+                self._add_lora(name, adapter_name, target_plan, config, undo)
+            for name in save_names:
+                self._add_module_to_save(name, adapter_name, undo)
+        except Exception:
+            for action in reversed(undo):
+                action()
+            raise
+        self.peft_config[adapter_name] = config
+        for layer in self._adapter_modules():
+            if adapter_name in layer.adapter_names and config.inference_mode:
+                layer.frozen_adapters.add(adapter_name)
+        self._mark_trainable()
+
+    def _add_lora(self, name: str, adapter_name: str, target_plan, config: LoraConfig, undo: list) -> None:
+        parent, attr = self._parent(name)
+        target = getattr(parent, attr)
+        if isinstance(target, LoraLayer):
+            undo.append(lambda: target.delete_adapter(adapter_name) if adapter_name in target.r else None)
+            target.update_layer(adapter_name, target_plan, config)
+            return
+        layer = create_lora_layer(target, config, name)
+        layer.update_layer(adapter_name, target_plan, config)
+        layer.set_adapter(self._active_adapter)
+        setattr(parent, attr, layer)
+        undo.append(lambda: setattr(parent, attr, target))
+
+    def _add_module_to_save(self, name: str, adapter_name: str, undo: list) -> None:
+        parent, attr = self._parent(name)
+        target = getattr(parent, attr)
+        if isinstance(target, ModulesToSaveWrapper):
+            target.add_copy(adapter_name)
+            undo.append(lambda: target.delete_adapter(adapter_name))
+        else:
+            wrapper = ModulesToSaveWrapper(target, adapter_name)
+            wrapper.set_adapter(self._active_adapter)
+            setattr(parent, attr, wrapper)
+            undo.append(lambda: setattr(parent, attr, target))
+
+    def _modules_to_save_targets(
+        self, config: LoraConfig, kinds: dict[str, str], lora_names: set[str]
+    ) -> list[str]:
+        wanted = config.modules_to_save or []
+        automatic = set(getattr(config, "_automatic_modules_to_save", ()))
+        names = [n for n in kinds if n and not _internal(n)]
+        chosen = []
+        for key in wanted:
+            hits = [n for n in names if name_matches(n, [key])]
+            if not hits and key not in automatic:
+                raise ValueError(
+                    f"modules_to_save entry {key!r} matched no module of the model; "
+                    f"check the name (top-level children: {', '.join(n for n in names if '.' not in n)})."
+                )
+            chosen += hits
+        clash = sorted(set(chosen) & lora_names)
+        if clash:
+            raise ValueError(
+                f"{clash[0]!r} is both a LoRA target and in modules_to_save; a module is either adapted or "
+                "trained in full. Remove it from one of the two."
+            )
+        return list(dict.fromkeys(chosen))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter `adapter_name` everywhere; layers left with no adapter get their base back."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
+        for layer in self._adapter_modules():
+            layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        self._unwrap_empty()
+        if adapter_name in self._active_adapter:
+            remaining = [n for n in self._active_adapter if n != adapter_name]
+            self._active_adapter = remaining or list(self.peft_config)[:1]
+            if self._active_adapter:
+                self.set_adapter(self._active_adapter)
+
+    # ---- merging and unloading -------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters into the base weights, keeping the LoRA layers (undo: `unmerge_adapter`)."""
+        layers = [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
+        self._check_mergeable(layers, adapter_names, safe_merge)
+        for layer in layers:
+            layer.merge(adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights."""
+        for layer in self.model.modules():
+            if isinstance(layer, AdapterLayer):
+                layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters (default: the active ones) into the base weights and return the plain model.
+
+        Every adapter is checked for NaN/Inf before any weight changes (with `safe_merge`, the
+        merged weights too), so a failure leaves the model intact.
+        """
+        unknown = [n for n in adapter_names or [] if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Unknown adapter(s) {unknown}; this model has {list(self.peft_config)}.")
+        layers = [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
+        self._check_mergeable(layers, adapter_names, safe_merge)
+        return self._unload(merge=True, progressbar=progressbar, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the base model as it was."""
+        return self._unload(merge=False, progressbar=False, adapter_names=None)
+
+    def _check_mergeable(
+        self, layers: list[AdapterLayer], adapter_names: list[str] | None, safe_merge: bool
+    ) -> None:
+        for layer in layers:
+            for name in layer._mergeable(adapter_names):
+                layer.check_finite(name, with_base=safe_merge)
+
+    def _unload(self, merge: bool, progressbar: bool, adapter_names: list[str] | None) -> nn.Module:
+        targets = [
+            (n, m)
+            for n, m in self.model.named_modules()
+            if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
+        ]
+        for name, module in tqdm(
+            targets, disable=not progressbar, desc="Unloading" + (" and merging" * merge)
+        ):
+            parent, attr = self._parent(name)
+            if isinstance(module, AdapterLayer):
+                if merge:
+                    module.merge(adapter_names=adapter_names)
+                else:
+                    module.unmerge()
+                setattr(parent, attr, module.base_layer)
+            else:
+                keep = module.current_module() if merge else module.original_module
+                setattr(parent, attr, keep)
+        return self.model
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _adapter_modules(self) -> Iterator[AdapterLayer | ModulesToSaveWrapper]:
+        for module in self.model.modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                yield module
+
+    def _mark_trainable(self) -> None:
+        """Freeze everything but the active adapters, their modules_to_save copies and the biases
+        their `bias` mode trains."""
+        self.model.requires_grad_(False)
+        active = [self.peft_config[n] for n in self._active_adapter if n in self.peft_config]
+        trainable = [c for c in active if not c.inference_mode]
+        for config in trainable:
+            if config.bias == "all":
+                for name, param in self.model.named_parameters():
+                    if name.split(".")[-1] == "bias" and "original_module" not in name.split("."):
+                        param.requires_grad_(True)
+            elif config.bias == "lora_only":
+                for layer in self.model.modules():
+                    if isinstance(layer, LoraLayer) and getattr(layer.base_layer, "bias", None) is not None:
+                        layer.base_layer.bias.requires_grad_(True)
+        for layer in self._adapter_modules():
+            layer.set_adapter(self._active_adapter)
+
+    def _unwrap_empty(self) -> None:
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, AdapterLayer) and not module.adapter_names:
+                parent, attr = self._parent(name)
+                setattr(parent, attr, module.base_layer)
+            elif isinstance(module, ModulesToSaveWrapper) and not module.modules_to_save:
+                parent, attr = self._parent(name)
+                setattr(parent, attr, module.original_module)
+
+    def _parent(self, name: str) -> tuple[nn.Module, str]:
+        parent_name, _, attr = name.rpartition(".")
+        return (self.model.get_submodule(parent_name) if parent_name else self.model), attr
+
+
+def _internal(name: str) -> bool:
+    parts = name.split(".")
+    return any(
+        p in ("base_layer", "modules_to_save", "original_module") or p.startswith("lora_") for p in parts
+    )

@@ -1,0 +1,368 @@
+"""`PeftModel`: PEFT's user-facing wrapper, its task classes, files, and `get_peft_model`.
+
+`PeftModel(model)` holds `base_model` (a `LoraModel`) which holds `model` (yours), so parameter
+names read `base_model.model.<path>...` exactly as in PEFT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .checkpoint import adapter_slots, check_fits, copy_into, read_adapter_weights, save_adapter_files
+from .config import PEFT_FORMAT_VERSION, LoraConfig, PeftConfig, TaskType
+from .layers.lora import Embedding
+from .model import LoraModel
+
+# Heads trained in full for classification tasks, as PEFT adds them (only those present are used).
+_TASK_HEADS = {
+    TaskType.SEQ_CLS.value: ["classifier", "score"],
+    TaskType.TOKEN_CLS.value: ["classifier", "score"],
+    TaskType.QUESTION_ANS.value: ["qa_outputs"],
+}
+
+
+class PeftModel(nn.Module):
+    """A model with adapters: forward, generate and attributes pass through to your model.
+
+    Args:
+        model: the base model (modified in place: target modules are wrapped).
+        peft_config: the first adapter's config.
+        adapter_name: its name ("default" is saved at the top of a folder, others in subfolders).
+    """
+
+    def __init__(
+        self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs
+    ) -> None:
+        super().__init__()
+        _reject_unsupported_kwargs(kwargs, ("autocast_adapter_dtype", "low_cpu_mem_usage"))
+        peft_config = self._with_task_heads(peft_config)
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+        self.base_model = LoraModel(model, peft_config, adapter_name)
+
+    # ---- pass-through ----------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """The base model's `generate`, with the active adapters in the loop."""
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        """Your model (with its adapted layers in place)."""
+        return self.base_model.model
+
+    # ---- adapters ----------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    def add_adapter(
+        self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
+        """Add another adapter (inactive until `set_adapter`)."""
+        self.base_model.inject_adapter(adapter_name, self._with_task_heads(peft_config))
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    def enable_adapter_layers(self) -> None:
+        self.base_model.enable_adapter_layers()
+
+    def disable_adapter_layers(self) -> None:
+        self.base_model.disable_adapter_layers()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model is the base model (e.g. DPO's reference model)."""
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge the adapters into the base weights; returns your model without adapter layers."""
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove the adapters without merging; returns your model as it was."""
+        return self.base_model.unload()
+
+    # ---- parameter counts ----------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; total includes the adapters."""
+        trainable = total = 0
+        for param in self.parameters():
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ---- files -------------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        **kwargs,
+    ) -> None:
+        """Write each adapter as PEFT does: "default" in `save_directory`, others in subfolders.
+
+        Args:
+            safe_serialization: safetensors (default) or a `.bin` file.
+            selected_adapters: adapters to save (default: all).
+            save_embedding_layers: also save the full weight of targeted `embed_tokens`/`lm_head`
+                layers; "auto" does so when such a layer is a target (PEFT's rule).
+            is_main_process: write nothing when False (the other ranks of a distributed run).
+        """
+        _reject_unsupported_kwargs(kwargs, ())
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory={str(save_directory)!r} is a file; pass a folder.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(
+                f"selected_adapters {unknown} do not exist; this model has {list(self.peft_config)}."
+            )
+        if not is_main_process:
+            return
+        for name in names:
+            config = self.peft_config[name]
+            folder = str(save_directory) if name == "default" else os.path.join(str(save_directory), name)
+            embed = self._saves_embeddings(name, save_embedding_layers)
+            slots = adapter_slots(self.get_base_model(), name, config.bias, embed)
+            tensors = {key: slot.tensor for key, slot in slots.items()}
+            save_adapter_files(folder, tensors, _config_json(config), safe=safe_serialization)
+
+    def _saves_embeddings(self, adapter_name: str, setting: str | bool) -> bool:
+        if setting != "auto":
+            return bool(setting)
+        return any(
+            isinstance(m, Embedding) and adapter_name in m.r and n.endswith(("embed_tokens", "lm_head"))
+            for n, m in self.get_base_model().named_modules()
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        subfolder: str | None = None,
+        **kwargs,
+    ) -> PeftModel:
+        """Load a saved adapter (lorakit's or PEFT's folder) onto `model`.
+
+        Raises:
+            FileNotFoundError / ValueError: missing, corrupted or mismatched files; `model` is then
+                left exactly as it was.
+        """
+        _reject_unsupported_kwargs(kwargs, ("autocast_adapter_dtype", "low_cpu_mem_usage", "torch_device"))
+        folder = _local_folder(model_id, subfolder)
+        config = config if config is not None else PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        state = read_adapter_weights(folder)
+        peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        peft_model = peft_cls(model, config, adapter_name)
+        try:
+            peft_model._load_weights(adapter_name, state, folder)
+        except Exception:
+            peft_model.base_model.unload()
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        subfolder: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Load a saved adapter as `adapter_name` beside the existing ones (not activated)."""
+        _reject_unsupported_kwargs(kwargs, ("autocast_adapter_dtype", "low_cpu_mem_usage", "torch_device"))
+        folder = _local_folder(model_id, subfolder)
+        config = PeftConfig.from_pretrained(folder)
+        config.inference_mode = not is_trainable
+        state = read_adapter_weights(folder)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_weights(adapter_name, state, folder)
+        except Exception:
+            self.base_model.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            self.eval()
+
+    def _load_weights(self, adapter_name: str, state: dict[str, torch.Tensor], source: str) -> None:
+        config = self.peft_config[adapter_name]
+        slots = adapter_slots(self.get_base_model(), adapter_name, config.bias, save_embedding_layers=True)
+        check_fits(slots, state, source)
+        copy_into(slots, state)
+
+    def _with_task_heads(self, config: PeftConfig) -> PeftConfig:
+        heads = _TASK_HEADS.get(getattr(self, "task_type", None) or "", [])
+        if heads and isinstance(config, LoraConfig):
+            present = config.modules_to_save or []
+            config.modules_to_save = present + [h for h in heads if h not in present]
+            config._automatic_modules_to_save = heads
+        return config
+
+
+class PeftModelForCausalLM(PeftModel):
+    """PeftModel for `task_type="CAUSAL_LM"`."""
+
+    task_type = TaskType.CAUSAL_LM.value
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """PeftModel for `task_type="SEQ_2_SEQ_LM"`."""
+
+    task_type = TaskType.SEQ_2_SEQ_LM.value
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """PeftModel for `task_type="SEQ_CLS"`: the `classifier`/`score` head trains in full."""
+
+    task_type = TaskType.SEQ_CLS.value
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """PeftModel for `task_type="TOKEN_CLS"`: the `classifier`/`score` head trains in full."""
+
+    task_type = TaskType.TOKEN_CLS.value
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """PeftModel for `task_type="QUESTION_ANS"`: the `qa_outputs` head trains in full."""
+
+    task_type = TaskType.QUESTION_ANS.value
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """PeftModel for `task_type="FEATURE_EXTRACTION"`."""
+
+    task_type = TaskType.FEATURE_EXTRACTION.value
+
+
+MODEL_TYPE_TO_PEFT_MODEL: dict[str | None, type[PeftModel]] = {
+    cls.task_type: cls
+    for cls in (
+        PeftModelForCausalLM,
+        PeftModelForSeq2SeqLM,
+        PeftModelForSequenceClassification,
+        PeftModelForTokenClassification,
+        PeftModelForQuestionAnswering,
+        PeftModelForFeatureExtraction,
+    )
+}
+
+
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs
+) -> PeftModel:
+    """Wrap `model` with a new adapter; the class follows `peft_config.task_type` (PEFT's rule).
+
+    Example:
+        >>> config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+        >>> model = get_peft_model(model, config)
+    """
+    _reject_unsupported_kwargs(kwargs, ("autocast_adapter_dtype", "low_cpu_mem_usage", "mixed"))
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "This model already has adapters; use model.add_adapter(name, config) to add another."
+        )
+    peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
+    return peft_cls(model, peft_config, adapter_name)
+
+
+def _config_json(config: PeftConfig) -> str:
+    data = config.to_dict()
+    data["inference_mode"] = True
+    data["peft_version"] = PEFT_FORMAT_VERSION
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _local_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:
+    folder = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(
+            f"Adapter folder {folder!r} does not exist. lorakit loads local folders written by save_pretrained "
+            "(lorakit's or PEFT's); fetch hub adapters first, e.g. huggingface_hub.snapshot_download(repo_id)."
+        )
+    return folder
+
+
+def _reject_unsupported_kwargs(kwargs: dict, accepted_defaults: tuple[str, ...]) -> None:
+    """PEFT keyword arguments lorakit takes but ignores must be at harmless values; others raise."""
+    harmless = {
+        "autocast_adapter_dtype": True,
+        "low_cpu_mem_usage": False,
+        "mixed": False,
+        "torch_device": None,
+    }
+    for key, value in kwargs.items():
+        if key in accepted_defaults and (harmless.get(key) == value or key == "torch_device"):
+            continue
+        raise TypeError(f"Argument {key}={value!r} is not supported by lorakit here.")
+
+
+def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` would write for `adapter_name`, under PEFT's file keys."""
+    config = model.peft_config[adapter_name]
+    embed = model._saves_embeddings(adapter_name, "auto")
+    slots = adapter_slots(model.get_base_model(), adapter_name, config.bias, embed)
+    return {key: slot.tensor.detach() for key, slot in slots.items()}
+
+
+def set_peft_model_state_dict(
+    model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
+) -> None:
+    """Load file-keyed tensors into adapter `adapter_name`; checks every key and shape first."""
+    model._load_weights(adapter_name, peft_model_state_dict, "the given state dict")
