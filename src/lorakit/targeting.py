@@ -159,7 +159,8 @@ def plan_targets(kinds: dict[str, str], config: LoraConfig, targets: set[str] | 
     names = [n for n in kinds if n and not _is_internal(n)]
     matched = [n for n in names if name_matches(n, targets)]
     if not matched:
-        raise ValueError(_no_match_message(targets, names, "target_modules"))
+        adaptable = [n for n in names if kinds[n].split(":")[-1] in SUPPORTED_KINDS]
+        raise ValueError(_no_match_message(targets, adaptable or names, "target_modules"))
     excluded = config.exclude_modules
     if excluded is not None:
         kept = [n for n in matched if not name_matches(n, excluded)]
@@ -224,8 +225,11 @@ def _no_match_message(targets: set[str] | str, names: list[str], field_name: str
     hints: list[str] = []
     for target in [targets] if isinstance(targets, str) else sorted(targets):
         hints += difflib.get_close_matches(target.split(".")[-1], leaves, n=2, cutoff=0.6)
-    hint = f" Did you mean {', '.join(repr(h) for h in dict.fromkeys(hints))}?" if hints else ""
-    return f"{field_name}={_show(targets)} matched no module of the model.{hint} (module names: {_sample(leaves)})"
+    hint = f" did you mean {', '.join(repr(h) for h in dict.fromkeys(hints))}?" if hints else ""
+    return (
+        f"{field_name}={_show(targets)} matched no module of the model;{hint} "
+        f"(adaptable modules: {_sample(leaves)})"
+    )
 
 
 def _show(value: set[str] | str) -> str:

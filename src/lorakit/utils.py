@@ -16,7 +16,8 @@ def prepare_model_for_kbit_training(
     Freezes every parameter, upcasts half-precision normalisation layers to float32 (their
     statistics are the part of a half-precision model that suffers most), and, with
     `use_gradient_checkpointing`, makes the input embeddings require grad (so checkpointed blocks
-    have a graph to recompute through) and turns gradient checkpointing on.
+    have a graph to recompute through) and turns gradient checkpointing on (non-reentrant unless
+    `gradient_checkpointing_kwargs` says otherwise).
 
     Raises:
         NotImplementedError: the model is quantized (bitsandbytes / GPTQ bases are not supported yet).

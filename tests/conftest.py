@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models built from configs (no downloads, ever)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.set_verbosity_error()
+
+
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    """A 2-layer Llama with hidden size 32 and a 100-token vocabulary."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def llama() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -> None:
+    """Give every trainable tensor random values (B starts at zero, which would hide bugs)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def state_snapshot(model: torch.nn.Module) -> dict:
+    """Names, shapes and values of every parameter and buffer, plus the module tree's repr."""
+    return {
+        "tree": repr(model),
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grad": {k: p.requires_grad for k, p in model.named_parameters()},
+    }
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert after["tree"] == before["tree"]
+    assert after["grad"] == before["grad"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, value in before["tensors"].items():
+        assert torch.allclose(value, after["tensors"][key], rtol=0, atol=0, equal_nan=True), key
