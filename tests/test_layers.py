@@ -31,7 +31,9 @@ def test_linear_forward_and_grads_match_formula():
     x = torch.randn(3, 4, 6, requires_grad=True)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"]
     out = layer(x)
-    expected = F.linear(x, layer.base_layer.weight, layer.base_layer.bias) + 2.0 * (x @ a.t() @ b.weight.t() + b.bias)
+    expected = F.linear(x, layer.base_layer.weight, layer.base_layer.bias) + 2.0 * (
+        x @ a.t() @ b.weight.t() + b.bias
+    )
     torch.testing.assert_close(out, expected)
     (g_out,) = torch.autograd.grad(out.square().sum(), [a], retain_graph=False)
     (g_exp,) = torch.autograd.grad(expected.square().sum(), [a])

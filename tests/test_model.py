@@ -19,7 +19,9 @@ def test_only_adapter_parameters_train_and_names_are_pefts(llama, capsys):
     model = get_peft_model(llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     assert isinstance(model, PeftModelForCausalLM)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(".lora_A.default.weight" in n or ".lora_B.default.weight" in n for n in trainable)
+    assert trainable and all(
+        ".lora_A.default.weight" in n or ".lora_B.default.weight" in n for n in trainable
+    )
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in trainable
     n_trainable, total = model.get_nb_trainable_parameters()
     # per layer: q_proj A (4, 32) + B (32, 4); v_proj A (4, 32) + B (16, 4) (2 kv heads x 8 dims)
@@ -104,7 +106,9 @@ def test_nan_adapter_refuses_to_merge_and_leaves_model_intact(llama):
     with torch.no_grad():
         model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("nan")
     before = state_snapshot(model)
-    with pytest.raises(ValueError, match=r"NaN/Inf in adapter 'default' in module 'model.layers.1.self_attn.v_proj'"):
+    with pytest.raises(
+        ValueError, match=r"NaN/Inf in adapter 'default' in module 'model.layers.1.self_attn.v_proj'"
+    ):
         model.merge_and_unload()
     assert_same_state(before, state_snapshot(model))
 
@@ -159,7 +163,10 @@ def test_bias_modes_choose_trainable_biases():
     model = get_peft_model(net, LoraConfig(target_modules=["0"], bias="lora_only"))
     biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
     assert biases == {"base_model.model.0.base_layer.bias"}
-    model = get_peft_model(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), LoraConfig(target_modules=["0"], bias="all"))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
+        LoraConfig(target_modules=["0"], bias="all"),
+    )
     biases = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
     assert biases == {"base_model.model.0.base_layer.bias", "base_model.model.2.bias"}
 

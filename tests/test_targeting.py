@@ -13,7 +13,9 @@ from .conftest import assert_same_state, state_snapshot
 
 
 def adapted(model) -> list[str]:
-    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    return sorted(
+        n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer)
+    )
 
 
 def test_list_matches_whole_names_or_dot_suffixes_only():
@@ -46,7 +48,11 @@ def test_pattern_keys_match_at_a_dot_boundary():
 
 def test_rank_and_alpha_patterns_set_per_module_r_and_scaling(llama):
     config = LoraConfig(
-        r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 32}
+        r=8,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"q_proj": 32},
     )
     model = get_peft_model(llama, config)
     layers = {n.split(".", 2)[-1]: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -58,7 +64,9 @@ def test_rank_and_alpha_patterns_set_per_module_r_and_scaling(llama):
 
 
 def test_layers_to_transform_restricts_targets(llama):
-    model = get_peft_model(llama, LoraConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers"))
+    model = get_peft_model(
+        llama, LoraConfig(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="layers")
+    )
     assert adapted(model) == ["model.layers.1.self_attn.q_proj"]
 
 

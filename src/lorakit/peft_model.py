@@ -207,11 +207,14 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         state = read_adapter_weights(folder)
         peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
+        requires_grad = {param: param.requires_grad for param in model.parameters()}
         peft_model = peft_cls(model, config, adapter_name)
         try:
             peft_model._load_weights(adapter_name, state, folder)
         except Exception:
             peft_model.base_model.unload()
+            for param, flag in requires_grad.items():
+                param.requires_grad_(flag)
             raise
         if not is_trainable:
             peft_model.eval()

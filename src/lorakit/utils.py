@@ -40,10 +40,15 @@ def prepare_model_for_kbit_training(
     if use_gradient_checkpointing:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {}
-            )
+        kwargs = (
+            {"use_reentrant": False}
+            if gradient_checkpointing_kwargs is None
+            else gradient_checkpointing_kwargs
+        )
+        if hasattr(model, "activation_checkpointing_enable"):  # the transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         else:
             raise ValueError(
                 f"{type(model).__name__} has no gradient_checkpointing_enable(); pass "
