@@ -444,7 +444,8 @@ def test_001_gptj_get_peft_model_targets_and_trains():
     trainable = trainable_names(lora_model)
     assert trainable and all("lora_" in name for name in trainable)
 
-    # one training step with gradient checkpointing: gradients reach the LoRA B matrices only
+    # one training step with gradient checkpointing: gradients reach every adapted layer (one of its two
+    # matrices starts at zero, so the other one's gradient is zero on this first step) and nothing else
     lora_model.train()
     out = lora_model(input_ids=IDS, labels=IDS)
     assert torch.isfinite(out.loss)
@@ -452,8 +453,10 @@ def test_001_gptj_get_peft_model_targets_and_trains():
     for name, param in lora_model.named_parameters():
         if not param.requires_grad:
             assert param.grad is None, name
-        elif "lora_B" in name or "lora_embedding_B" in name:
-            assert param.grad is not None and torch.count_nonzero(param.grad) > 0, name
+    for name, layer in layers.items():
+        grads = [p.grad for n, p in layer.named_parameters() if "lora_" in n]
+        assert grads and all(g is not None for g in grads), name
+        assert any(torch.count_nonzero(g) > 0 for g in grads), name
 
 
 # ----------------------------------------------------------------------------- 001: model methods
@@ -604,7 +607,7 @@ def test_002_forward_is_base_plus_scaled_low_rank_update():
     )
     model = get_peft_model(tiny_llama(), config)
     layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
-    base_layer = layer.get_base_layer()
+    base_layer = layer.base_layer
     assert not any(p.requires_grad for p in base_layer.parameters())
     x = torch.randn(3, 32)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
@@ -613,20 +616,29 @@ def test_002_forward_is_base_plus_scaled_low_rank_update():
         torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
 
 
+def test_002_frozen_w0_is_the_original_layer():
+    # W0 stays frozen inside the adapted layer; PEFT's get_base_layer() hands back the original module
+    base = tiny_llama()
+    original = base.model.layers[0].self_attn.q_proj
+    model = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
+    layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert layer is not original
+    assert layer.get_base_layer() is original
+    assert not original.weight.requires_grad
+
+
 def test_002_merge_adds_scaled_BA_to_the_weight_so_no_extra_latency():
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["v_proj"], r=4, lora_alpha=8))
     randomize_lora(model)
     adapted = logits(model)
     layer = lora_layers(model)["model.layers.2.self_attn.v_proj"]
-    w0 = layer.get_base_layer().weight.detach().clone()
+    w0 = layer.base_layer.weight.detach().clone()
     delta = (8 / 4) * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     model.merge_adapter()
-    torch.testing.assert_close(
-        layer.get_base_layer().weight.detach(), w0 + delta.detach(), atol=1e-6, rtol=1e-5
-    )
+    torch.testing.assert_close(layer.base_layer.weight.detach(), w0 + delta.detach(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(logits(model), adapted, atol=1e-5, rtol=1e-5)
     model.unmerge_adapter()
-    torch.testing.assert_close(layer.get_base_layer().weight.detach(), w0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(layer.base_layer.weight.detach(), w0, atol=1e-6, rtol=1e-5)
 
 
 # ----------------------------------------------------------------------------- 003: rsLoRA

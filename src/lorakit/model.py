@@ -190,14 +190,19 @@ class LoraModel(nn.Module):
             )
         return list(dict.fromkeys(chosen))
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove adapter `adapter_name` everywhere; layers left with no adapter get their base back."""
+    def delete_adapter(self, adapter_name: str, unwrap_empty: bool = False) -> None:
+        """Remove adapter `adapter_name` everywhere.
+
+        Layers left with no adapter stay wrapped, as in PEFT, so parameter names do not move;
+        `unwrap_empty=True` gives them their base module back (used to undo a failed load).
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"No adapter named {adapter_name!r}; this model has {list(self.peft_config)}.")
         for layer in self._adapter_modules():
             layer.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
-        self._unwrap_empty()
+        if unwrap_empty:
+            self._unwrap_empty()
         if adapter_name in self._active_adapter:
             remaining = [n for n in self._active_adapter if n != adapter_name]
             self._active_adapter = remaining or list(self.peft_config)[:1]

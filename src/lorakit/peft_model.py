@@ -238,7 +238,7 @@ class PeftModel(nn.Module):
         try:
             self._load_weights(adapter_name, state, folder)
         except Exception:
-            self.base_model.delete_adapter(adapter_name)
+            self.base_model.delete_adapter(adapter_name, unwrap_empty=True)
             raise
         if not is_trainable:
             self.eval()

@@ -32,6 +32,19 @@ class AdapterLayer(nn.Module):
         self.frozen_adapters: set[str] = set()  # adapters in inference mode never train
         self.module_name = ""  # set by the model, used in error messages
 
+    def get_base_layer(self) -> nn.Module:
+        """The original module this layer wraps."""
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (code written for the plain module reads it, e.g. tied embeddings)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     # ---- the active set -------------------------------------------------------------------
     @property
     def active_adapters(self) -> list[str]:
