@@ -222,3 +222,14 @@ def test_state_dict_helpers_round_trip(input_ids):
     torch.testing.assert_close(logits(other.eval(), input_ids), logits(model.eval(), input_ids))
     with pytest.raises(ValueError, match="shape mismatch"):
         set_peft_model_state_dict(other, {k: v[:1] for k, v in state.items()})
+
+
+def test_rejected_save_writes_nothing(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="selected_adapters"):
+        model.save_pretrained(tmp_path / "out", selected_adapters=["default", "typo"])
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        model.save_pretrained(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
