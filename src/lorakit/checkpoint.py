@@ -83,6 +83,8 @@ def _lora_tensors(layer: LoraLayer, adapter_name: str) -> Iterator[tuple[str, to
     if adapter_name in layer.lora_embedding_A:
         yield "lora_embedding_A", layer.lora_embedding_A[adapter_name]
         yield "lora_embedding_B", layer.lora_embedding_B[adapter_name]
+    if adapter_name in layer.lora_magnitude_vector:
+        yield "lora_magnitude_vector", layer.lora_magnitude_vector[adapter_name].weight
 
 
 def _all_biases(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:

@@ -246,7 +246,9 @@ class LoraModel(nn.Module):
         self, layers: list[AdapterLayer], adapter_names: list[str] | None, safe_merge: bool
     ) -> None:
         for layer in layers:
-            for name in layer._mergeable(adapter_names):
+            names = layer._mergeable(adapter_names)
+            layer._check_merge_allowed(names)
+            for name in names:
                 layer.check_finite(name, with_base=safe_merge)
 
     def _unload(self, merge: bool, progressbar: bool, adapter_names: list[str] | None) -> nn.Module:

@@ -89,3 +89,85 @@ def add_lora_conv(
     bias = bias_b * scaling if bias_b is not None else None
     conv = (F.conv1d, F.conv2d, F.conv3d)[weight_b.dim() - 3]
     return result + conv(hidden, weight_b, bias).to(result.dtype)
+
+
+def _drops(dropout: nn.Module) -> bool:
+    return dropout.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0.0) > 0
+
+
+def add_dora_linear(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    base_bias: torch.Tensor | None,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    factor: torch.Tensor,
+    scaling: float,
+    dropout: nn.Module,
+) -> torch.Tensor:
+    """Return `result + (f - 1) * W dropout(x) + f * scaling * B A dropout(x)` (DoRA).
+
+    Without dropout this is `f * (W x + scaling B A x) + b`: the DoRA weight applied to x.
+
+    Args:
+        base_weight: (out_features, in_features) (a transposed view for fan_in_fan_out).
+        factor: (out_features,) `magnitude / ||W + scaling B A||`, norm detached.
+    """
+    dropped = dropout(x.to(weight_a.dtype))
+    lora = F.linear(F.linear(dropped, weight_a) * scaling, weight_b)
+    if _drops(dropout):
+        base_wx = F.linear(dropped.to(base_weight.dtype), base_weight)
+    else:
+        base_wx = result if base_bias is None else result - base_bias
+    return result + ((factor - 1) * base_wx.to(factor.dtype) + factor * lora).to(result.dtype)
+
+
+def add_dora_embedding(
+    result: torch.Tensor,
+    ids: torch.Tensor,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    factor: torch.Tensor,
+    scaling: float,
+    base: nn.Embedding,
+) -> torch.Tensor:
+    """Return `f * (E[ids] + scaling * A^T[ids] B^T)` (DoRA on an embedding), f of shape (embedding_dim,)."""
+    looked_up = F.embedding(
+        ids,
+        weight_a.t(),
+        base.padding_idx,
+        base.max_norm,
+        base.norm_type,
+        base.scale_grad_by_freq,
+        base.sparse,
+    )
+    lora = F.linear(looked_up * scaling, weight_b)
+    return result + ((factor - 1) * result.to(factor.dtype) + factor * lora).to(result.dtype)
+
+
+def add_dora_conv(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    base: nn.Module,
+    conv_a: nn.Module,
+    weight_b: torch.Tensor,
+    factor: torch.Tensor,
+    scaling: float,
+    dropout: nn.Module,
+) -> torch.Tensor:
+    """DoRA on ConvNd: `result + (f - 1) * (W * dropout(x)) + f * scaling * B * A * dropout(x)`.
+
+    Args:
+        factor: (out_channels,) broadcast over (N, out_channels, *spatial).
+    """
+    dropped = dropout(x.to(weight_b.dtype))
+    conv = (F.conv1d, F.conv2d, F.conv3d)[weight_b.dim() - 3]
+    lora = conv(conv_a(dropped) * scaling, weight_b)
+    view = (1, -1) + (1,) * (result.dim() - 2)
+    if _drops(dropout):
+        base_wx = base._conv_forward(dropped.to(base.weight.dtype), base.weight, None)
+    else:
+        base_wx = result if base.bias is None else result - base.bias.view(view)
+    f = factor.view(view)
+    return result + ((f - 1) * base_wx.to(f.dtype) + f * lora).to(result.dtype)

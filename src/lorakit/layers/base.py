@@ -143,6 +143,7 @@ class AdapterLayer(nn.Module):
                 the base layer is unchanged then.
         """
         names = self._mergeable(adapter_names)
+        self._check_merge_allowed(names)
         for name in names:
             self.check_finite(name, with_base=safe_merge)
         weight = self.base_layer.weight
@@ -155,14 +156,21 @@ class AdapterLayer(nn.Module):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter's weight change, newest first."""
+        """Undo every merged adapter, newest first."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             with torch.no_grad():
-                self.base_layer.weight.data -= self.get_delta_weight(name)
+                self._unmerge_weight(name)
                 delta_bias = self.get_delta_bias(name)
                 if delta_bias is not None:
                     self.base_layer.bias.data -= delta_bias
+
+    def _unmerge_weight(self, adapter_name: str) -> None:
+        """Take adapter `adapter_name`'s change back out of the base weight (additive by default)."""
+        self.base_layer.weight.data -= self.get_delta_weight(adapter_name)
+
+    def _check_merge_allowed(self, names: list[str]) -> None:
+        """Raise if merging `names` (on top of `merged_adapters`) would not be exact."""
 
     def _mergeable(self, adapter_names: list[str] | None) -> list[str]:
         names = self.active_adapters if adapter_names is None else list(adapter_names)

@@ -18,6 +18,7 @@ from .. import kernels
 from ..config import LoraConfig
 from ..targeting import TargetPlan
 from .base import AdapterLayer
+from .dora import MagnitudeVector, dora_factor, row_norm
 
 
 def is_gpt2_conv1d(module: nn.Module) -> bool:
@@ -33,8 +34,14 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 class LoraLayer(AdapterLayer):
     """Per-adapter state common to every LoRA layer: rank, alpha, scaling and dropout by name."""
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    adapter_layer_names = (
+        "lora_A",
+        "lora_B",
+        "lora_embedding_A",
+        "lora_embedding_B",
+        "lora_magnitude_vector",
+    )
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "_dora_merge_factor")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -46,6 +53,9 @@ class LoraLayer(AdapterLayer):
         self.lora_B = nn.ModuleDict()
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.use_dora: dict[str, bool] = {}
+        self._dora_merge_factor: dict[str, torch.Tensor] = {}  # factor used at merge, to unmerge exactly
 
     def update_layer(self, adapter_name: str, plan: TargetPlan, config: LoraConfig) -> None:
         """Create adapter `adapter_name` with the planned rank/alpha and initialise it."""
@@ -55,8 +65,77 @@ class LoraLayer(AdapterLayer):
         p = float(config.lora_dropout)
         self.lora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         weight = self.base_layer.weight
-        self._create(adapter_name, plan.r, config, {"device": weight.device, "dtype": adapter_dtype(weight)})
+        factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        self._create(adapter_name, plan.r, config, factory)
         self._initialise(adapter_name, config.init_lora_weights)
+        self.use_dora[adapter_name] = config.use_dora
+        if config.use_dora:
+            self._create_magnitude(adapter_name, factory)
+
+    def _create_magnitude(self, adapter_name: str, factory: dict) -> None:
+        """DoRA's magnitude starts at the row norms of `W + scaling B A`, so step 0 is the LoRA model."""
+        rows = self._base_rows()
+        magnitude = MagnitudeVector(self._magnitude_shape(rows), factory)
+        with torch.no_grad():
+            norm = row_norm(rows.float() + self._delta_rows(adapter_name).float())
+            magnitude.weight.copy_(norm.view(magnitude.weight.shape))
+        self.lora_magnitude_vector[adapter_name] = magnitude
+
+    # ---- the weight in "rows" layout: one row per output (per DoRA magnitude) -----------------
+    def _base_rows(self) -> torch.Tensor:
+        """The base weight as (rows, ...): (out, in) for linear layers, (dim, num) for embeddings."""
+        raise NotImplementedError
+
+    def _rows_to_base(self, rows: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_base_rows`'s layout change."""
+        raise NotImplementedError
+
+    def _delta_rows(self, adapter_name: str) -> torch.Tensor:
+        """`scaling * B @ A` in rows layout, in the adapter's dtype."""
+        raise NotImplementedError
+
+    def _magnitude_shape(self, rows: torch.Tensor) -> tuple[int, ...]:
+        return (rows.shape[0],)
+
+    def _dora_factor(self, adapter_name: str) -> torch.Tensor:
+        """(rows,) `magnitude / ||W + scaling B A||` for DoRA adapter `adapter_name`."""
+        magnitude = self.lora_magnitude_vector[adapter_name].rows()
+        return dora_factor(magnitude, self._base_rows(), self._delta_rows(adapter_name))
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The change merging `adapter_name` makes to the base weight, in the base layout.
+
+        LoRA: `scaling * B A`. DoRA: `f * (W + scaling * B A) - W` with `f = m / ||W + scaling B A||`
+        per row, taken at the current base weight.
+        """
+        delta = self._delta_rows(adapter_name)
+        if self.use_dora.get(adapter_name):
+            rows = self._base_rows()
+            factor = self._dora_factor(adapter_name).detach()
+            self._dora_merge_factor[adapter_name] = factor
+            shape = (-1,) + (1,) * (rows.dim() - 1)
+            delta = factor.view(shape).to(rows.dtype) * (rows + delta.to(rows.dtype)) - rows
+        return self._rows_to_base(delta).to(self.base_layer.weight.dtype)
+
+    def _unmerge_weight(self, adapter_name: str) -> None:
+        if not self.use_dora.get(adapter_name):
+            super()._unmerge_weight(adapter_name)
+            return
+        rows = self._base_rows()
+        factor = self._dora_merge_factor.pop(adapter_name)
+        shape = (-1,) + (1,) * (rows.dim() - 1)
+        original = rows / factor.view(shape).to(rows.dtype) - self._delta_rows(adapter_name).to(rows.dtype)
+        self.base_layer.weight.data.copy_(self._rows_to_base(original))
+
+    def _check_merge_allowed(self, names: list[str]) -> None:
+        together = list(self.merged_adapters) + list(names)
+        dora = [n for n in together if self.use_dora.get(n)]
+        if dora and len(together) > 1:
+            raise ValueError(
+                f"Cannot merge {together} into {self.module_name!r} together: DoRA adapter {dora[0]!r} rescales "
+                "the whole weight, so merging it with another adapter would not equal their summed outputs. "
+                "Merge one adapter at a time (unmerge the others first)."
+            )
 
     def _create(self, adapter_name: str, r: int, config: LoraConfig, factory: dict) -> None:
         """Add the adapter's modules; `factory` holds the device and dtype for new tensors."""
@@ -113,27 +192,41 @@ class Linear(LoraLayer):
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=config.lora_bias, **factory)
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """`scaling * B @ A`, shaped like the base weight ((in, out) when fan_in_fan_out)."""
-        delta = self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
-        delta = delta * self.scaling[adapter_name]
-        return (delta.t() if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
+    def _base_rows(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def _rows_to_base(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.t() if self.fan_in_fan_out else rows
+
+    def _delta_rows(self, adapter_name: str) -> torch.Tensor:
+        return (self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight) * self.scaling[
+            adapter_name
+        ]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._use_base_only():
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_here():
-            b = self.lora_B[name]
-            result = kernels.add_lora_linear(
-                result,
-                x,
-                self.lora_A[name].weight,
-                b.weight,
-                b.bias,
-                self.scaling[name],
-                self.lora_dropout[name],
-            )
+            a, b = self.lora_A[name].weight, self.lora_B[name]
+            if self.use_dora[name]:
+                factor = self._dora_factor(name)
+                result = kernels.add_dora_linear(
+                    result,
+                    x,
+                    self._base_rows(),
+                    self.base_layer.bias,
+                    a,
+                    b.weight,
+                    factor,
+                    self.scaling[name],
+                    self.lora_dropout[name],
+                )
+            else:
+                result = kernels.add_lora_linear(
+                    result, x, a, b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
+                )
         return result
 
 
@@ -176,24 +269,30 @@ class Embedding(LoraLayer):
     def get_delta_bias(self, adapter_name: str) -> None:
         return None
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """`scaling * (B @ A)^T`, shape (num_embeddings, embedding_dim)."""
-        delta = (self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]).t()
-        return (delta * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)
+    def _base_rows(self) -> torch.Tensor:
+        return self.base_layer.weight.t()  # (embedding_dim, num_embeddings), as PEFT's DoRA sees it
+
+    def _rows_to_base(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.t()
+
+    def _delta_rows(self, adapter_name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]) * self.scaling[
+            adapter_name
+        ]
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._use_base_only():
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_here():
-            result = kernels.add_lora_embedding(
-                result,
-                x,
-                self.lora_embedding_A[name],
-                self.lora_embedding_B[name],
-                self.scaling[name],
-                self.base_layer,
-            )
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            if self.use_dora[name]:
+                factor = self._dora_factor(name)
+                result = kernels.add_dora_embedding(
+                    result, x, a, b, factor, self.scaling[name], self.base_layer
+                )
+            else:
+                result = kernels.add_lora_embedding(result, x, a, b, self.scaling[name], self.base_layer)
         return result
 
 
@@ -227,21 +326,43 @@ class Conv(LoraLayer):
             r, base.out_channels, ones, ones, bias=config.lora_bias, **factory
         )
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+    def _base_rows(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def _rows_to_base(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def _delta_rows(self, adapter_name: str) -> torch.Tensor:
         a = self.lora_A[adapter_name].weight
         b = self.lora_B[adapter_name].weight
         delta = (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
-        return (delta * self.scaling[adapter_name]).to(self.base_layer.weight.dtype)
+        return delta * self.scaling[adapter_name]
+
+    def _magnitude_shape(self, rows: torch.Tensor) -> tuple[int, ...]:
+        return (1, rows.shape[0]) + (1,) * (rows.dim() - 2)  # PEFT's (1, out, 1, ...)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._use_base_only():
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._active_here():
-            b = self.lora_B[name]
-            result = kernels.add_lora_conv(
-                result, x, self.lora_A[name], b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
-            )
+            a, b = self.lora_A[name], self.lora_B[name]
+            if self.use_dora[name]:
+                factor = self._dora_factor(name)
+                result = kernels.add_dora_conv(
+                    result,
+                    x,
+                    self.base_layer,
+                    a,
+                    b.weight,
+                    factor,
+                    self.scaling[name],
+                    self.lora_dropout[name],
+                )
+            else:
+                result = kernels.add_lora_conv(
+                    result, x, a, b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
+                )
         return result
 
 
