@@ -136,6 +136,9 @@ def test_all_zero_blocks_dequantize_to_exact_zeros(method, bits):
     assert bool(torch.isfinite(restored).all())
     assert bool((restored[64:128] == 0).all()) and bool((restored[256:] == 0).all())
     assert bool((dequantize(quantize(torch.zeros(3, 100), bits=bits, method=method)) == 0).all())
+    levels = nf_codebook(bits) if method == "nf" else uniform_codebook(bits)
+    zero_block_levels = levels[q.codes[1].long()]  # zeros code as the level nearest zero, not 0/0
+    assert bool((zero_block_levels.abs() == levels.abs().min()).all()), zero_block_levels
 
 
 def test_quantize_returns_a_quantized_tensor_describing_the_input():

@@ -253,4 +253,4 @@ def _balanced_rank_r_factors(
     """(A (r, in), B (out, r)) with scaling * B @ A = the rank-r truncated SVD of residual (out, in)."""
     u, s, vh = torch.linalg.svd(residual, full_matrices=False)
     root = (s[:r] / scaling).sqrt()
-    return root[:, None] * vh[:r] * scaling, u[:, :r] * root / scaling
+    return root[:, None] * vh[:r], u[:, :r] * root
