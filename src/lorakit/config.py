@@ -143,7 +143,6 @@ _BUILT_INITS = (True, False, "gaussian")
 
 # PEFT fields lorakit stores but whose behaviour is not built yet: field -> the value meaning "off".
 _UNBUILT_FIELDS: dict[str, Any] = {
-    "layer_replication": None,
     "megatron_config": None,
     "trainable_token_indices": None,
     "eva_config": None,

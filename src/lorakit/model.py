@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .config import LoraConfig, PeftConfig
 from .layers.base import AdapterLayer, ModulesToSaveWrapper
 from .layers.lora import LoraLayer, create_lora_layer, is_gpt2_conv1d
+from .replication import replicate_layers
 from .targeting import name_matches, plan_targets, resolve_target_modules
 
 
@@ -50,6 +51,7 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self._active_adapter: list[str] = [adapter_name]
+        self._layer_map: list[list[int]] | None = None  # the layer_replication applied, if any
         if isinstance(config, dict):
             config = config[adapter_name]
         self.inject_adapter(adapter_name, config)
@@ -115,6 +117,34 @@ class LoraModel(nn.Module):
                 "cannot belong to one adapter. Use lora_bias=True for a per-adapter bias instead."
             )
         config = copy.deepcopy(config)
+        undo: list = []
+        if config.layer_replication is not None:
+            self._replicate(config.layer_replication, undo)
+        try:
+            self._inject(adapter_name, config, undo)
+        except Exception:
+            for action in reversed(undo):
+                action()
+            raise
+        self.peft_config[adapter_name] = config
+        for layer in self._adapter_modules():
+            if adapter_name in layer.adapter_names and config.inference_mode:
+                layer.frozen_adapters.add(adapter_name)
+        self._mark_trainable()
+
+    def _replicate(self, layer_map: list[list[int]], undo: list) -> None:
+        layer_map = [list(pair) for pair in layer_map]
+        if self._layer_map is None:
+            undo.append(replicate_layers(self.model, layer_map))
+            undo.append(lambda: setattr(self, "_layer_map", None))
+            self._layer_map = layer_map
+        elif layer_map != self._layer_map:
+            raise ValueError(
+                f"layer_replication={layer_map} differs from the {self._layer_map} this model was built with; "
+                "all adapters on one model share one block layout."
+            )
+
+    def _inject(self, adapter_name: str, config: LoraConfig, undo: list) -> None:
         kinds = {name: module_kind(module) for name, module in self.model.named_modules()}
         model_config = getattr(self.model, "config", None)
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
@@ -126,21 +156,10 @@ class LoraModel(nn.Module):
         )
         plan = plan_targets(kinds, config, config.target_modules)
         save_names = self._modules_to_save_targets(config, kinds, set(plan))
-        undo: list = []
-        try:
-            for name, target_plan in plan.items():
-                self._add_lora(name, adapter_name, target_plan, config, undo)
-            for name in save_names:
-                self._add_module_to_save(name, adapter_name, undo)
-        except Exception:
-            for action in reversed(undo):
-                action()
-            raise
-        self.peft_config[adapter_name] = config
-        for layer in self._adapter_modules():
-            if adapter_name in layer.adapter_names and config.inference_mode:
-                layer.frozen_adapters.add(adapter_name)
-        self._mark_trainable()
+        for name, target_plan in plan.items():
+            self._add_lora(name, adapter_name, target_plan, config, undo)
+        for name in save_names:
+            self._add_module_to_save(name, adapter_name, undo)
 
     def _add_lora(self, name: str, adapter_name: str, target_plan, config: LoraConfig, undo: list) -> None:
         parent, attr = self._parent(name)
@@ -214,6 +233,7 @@ class LoraModel(nn.Module):
         """Merge adapters into the base weights, keeping the LoRA layers (undo: `unmerge_adapter`)."""
         layers = [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
         self._check_mergeable(layers, adapter_names, safe_merge)
+        _untie_merge_targets(layers, adapter_names)
         for layer in layers:
             layer.merge(adapter_names=adapter_names)
 
@@ -236,6 +256,7 @@ class LoraModel(nn.Module):
             raise ValueError(f"Unknown adapter(s) {unknown}; this model has {list(self.peft_config)}.")
         layers = [m for m in self.model.modules() if isinstance(m, AdapterLayer)]
         self._check_mergeable(layers, adapter_names, safe_merge)
+        _untie_merge_targets(layers, adapter_names)
         return self._unload(merge=True, progressbar=progressbar, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
@@ -308,6 +329,28 @@ class LoraModel(nn.Module):
     def _parent(self, name: str) -> tuple[nn.Module, str]:
         parent_name, _, attr = name.rpartition(".")
         return (self.model.get_submodule(parent_name) if parent_name else self.model), attr
+
+
+def _untie_merge_targets(layers: list[AdapterLayer], adapter_names: list[str] | None) -> None:
+    """Give each layer about to merge its own copy of a base weight it shares with another layer.
+
+    Replicated blocks share base tensors; merging one block's adapter into a shared tensor would
+    change every copy (PEFT's merge of replicated layers is wrong for this reason).
+    """
+    owners: dict[int, int] = {}
+    for layer in layers:
+        for tensor in (layer.base_layer.weight, getattr(layer.base_layer, "bias", None)):
+            if tensor is not None:
+                owners[tensor.data_ptr()] = owners.get(tensor.data_ptr(), 0) + 1
+    for layer in layers:
+        if not layer._mergeable(adapter_names):
+            continue
+        base = layer.base_layer
+        for key in ("weight", "bias"):
+            tensor = getattr(base, key, None)
+            if tensor is not None and owners[tensor.data_ptr()] > 1:
+                owners[tensor.data_ptr()] -= 1
+                setattr(base, key, nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad))
 
 
 def _internal(name: str) -> bool:
