@@ -83,8 +83,7 @@ def test_corrupted_config_json_names_the_file(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
-        ({"init_lora_weights": "olora"}, "init_lora_weights"),
+        ({"init_lora_weights": "eva"}, "init_lora_weights"),
         ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
         ({"target_parameters": ["experts.weight"]}, "target_parameters"),
     ],

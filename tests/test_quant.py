@@ -279,3 +279,18 @@ def test_loftq_weight_error_is_the_relative_frobenius_error():
 def test_loftq_rejects_bad_arguments_with_the_fix(shape, kwargs, message):
     with pytest.raises(ValueError, match=message):
         loftq_init(gaussian(*shape), **{"r": 2, "scaling": 1.0, **kwargs})
+
+
+def test_loftq_more_iterations_never_increase_error_even_at_2_bits():
+    """Where re-quantizing alone would raise the error (NF2), the best iterate is kept."""
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(128, 128))
+    v, _ = torch.linalg.qr(torch.randn(256, 128))
+    weight = (u * torch.exp(-torch.arange(128.0) / 4)) @ v.t() + 1e-3 * torch.randn(128, 256)
+    errors = [
+        loftq_weight_error(
+            weight, *loftq_init(weight, r=8, scaling=2.0, bits=2, iters=t, method="nf"), scaling=2.0
+        )
+        for t in (1, 2, 4, 8)
+    ]
+    assert all(later <= earlier + 1e-7 for earlier, later in zip(errors, errors[1:])), errors

@@ -40,7 +40,7 @@ class TaskType(str, enum.Enum):
 
 @dataclass
 class LoftQConfig:
-    """LoftQ settings (stored for file compatibility; the LoftQ init itself is not built yet).
+    """LoftQ settings for `init_lora_weights="loftq"` (Li et al., 2023, arXiv:2310.08659).
 
     Args:
         loftq_bits: bits of the quantized base weight (PEFT's default 8).
@@ -139,7 +139,7 @@ _NOT_SAVED = {"runtime_config"}
 
 _KNOWN_INITS = ("gaussian", "pissa", "olora", "loftq", "eva", "corda", "orthogonal", "lora_ga")
 # init strategies lorakit implements today; the others are accepted for file compatibility
-_BUILT_INITS = (True, False, "gaussian")
+_BUILT_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
 
 # PEFT fields lorakit stores but whose behaviour is not built yet: field -> the value meaning "off".
 _UNBUILT_FIELDS: dict[str, Any] = {
@@ -269,6 +269,12 @@ class LoraConfig(PeftConfig):
             raise ValueError("init_lora_weights='loftq' needs loftq_config=LoftQConfig(...).")
         if self.loftq_config and init != "loftq":
             raise ValueError("loftq_config is set but init_lora_weights is not 'loftq'; set both or neither.")
+        if self.loftq_config:
+            bits, iters = self.loftq_config.get("loftq_bits", 8), self.loftq_config.get("loftq_iter", 1)
+            if not (isinstance(bits, int) and 2 <= bits <= 8) or not (isinstance(iters, int) and iters >= 1):
+                raise ValueError(
+                    f"loftq_config={self.loftq_config}: loftq_bits must be an int in 2..8 and loftq_iter >= 1."
+                )
         if self.use_dora and self.lora_bias:
             raise ValueError("use_dora=True and lora_bias=True cannot be combined; pick one.")
 
@@ -281,10 +287,11 @@ class LoraConfig(PeftConfig):
                     f"LoraConfig.{name}={value!r} is not implemented in lorakit yet; "
                     f"remove it (or set {name}={off!r}) to use this adapter."
                 )
-        if self.init_lora_weights not in _BUILT_INITS:
+        init = self.init_lora_weights
+        if init not in _BUILT_INITS and not (isinstance(init, str) and init.startswith("pissa_niter_")):
             raise NotImplementedError(
                 f"init_lora_weights={self.init_lora_weights!r} is not implemented in lorakit yet; "
-                "use True, False or 'gaussian'."
+                "use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or 'loftq'."
             )
         runtime = self.runtime_config or {}
         if isinstance(runtime, dict) and runtime.get("ephemeral_gpu_offload"):

@@ -164,6 +164,9 @@ class LoraModel(nn.Module):
     def _add_lora(self, name: str, adapter_name: str, target_plan, config: LoraConfig, undo: list) -> None:
         parent, attr = self._parent(name)
         target = getattr(parent, attr)
+        base = target.base_layer if isinstance(target, LoraLayer) else target
+        weight = base.weight  # data-driven inits (PiSSA, OLoRA, LoftQ) replace it
+        undo.append(lambda: setattr(base, "weight", weight))
         if isinstance(target, LoraLayer):
             undo.append(lambda: target.delete_adapter(adapter_name) if adapter_name in target.r else None)
             target.update_layer(adapter_name, target_plan, config)

@@ -7,6 +7,7 @@ names read `base_model.model.<path>...` exactly as in PEFT.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from collections.abc import Iterator
@@ -146,6 +147,7 @@ class PeftModel(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **kwargs,
     ) -> None:
         """Write each adapter as PEFT does: "default" in `save_directory`, others in subfolders.
@@ -156,6 +158,9 @@ class PeftModel(nn.Module):
             save_embedding_layers: also save the full weight of targeted `embed_tokens`/`lm_head`
                 layers; "auto" does so when such a layer is a target (PEFT's rule).
             is_main_process: write nothing when False (the other ranks of a distributed run).
+            path_initial_model_for_weight_conversion: the folder where this adapter was saved right
+                after a PiSSA/OLoRA init. The adapter is then written as a plain LoRA of rank 2r
+                relative to the *original* base weights, so it loads on the untouched base model.
         """
         _reject_unsupported_kwargs(kwargs, ())
         if os.path.isfile(save_directory):
@@ -174,6 +179,10 @@ class PeftModel(nn.Module):
             embed = self._saves_embeddings(name, save_embedding_layers)
             slots = adapter_slots(self.get_base_model(), name, config.bias, embed)
             tensors = {key: slot.tensor for key, slot in slots.items()}
+            if path_initial_model_for_weight_conversion is not None:
+                tensors, config = _convert_mutated_init(
+                    tensors, config, str(path_initial_model_for_weight_conversion)
+                )
             save_adapter_files(folder, tensors, _config_json(config), safe=safe_serialization)
 
     def _saves_embeddings(self, adapter_name: str, setting: str | bool) -> bool:
@@ -323,6 +332,52 @@ def get_peft_model(
         )
     peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(peft_config.task_type, PeftModel)
     return peft_cls(model, peft_config, adapter_name)
+
+
+def _convert_mutated_init(
+    tensors: dict[str, torch.Tensor], config: LoraConfig, initial_folder: str
+) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """Re-express an adapter trained on a residual base (PiSSA/OLoRA) against the original base.
+
+    With W_res = W - s B0 A0, the model computes W_res + s B1 A1 = W + s [B1, -B0] [A1; A0]: a plain
+    LoRA of rank 2r. The alphas change so every module keeps its scaling (see
+    `init.converted_rank_and_alpha`).
+    """
+    from . import init as lora_init
+
+    if config.use_dora:
+        raise NotImplementedError("Weight conversion of DoRA adapters is not implemented; save without it.")
+    if config.init_lora_weights == "loftq":
+        raise ValueError(
+            "path_initial_model_for_weight_conversion does not apply to LoftQ: its base is a quantized weight, "
+            "not an exact residual, so no plain LoRA reproduces the trained model on the original base."
+        )
+    initial = read_adapter_weights(initial_folder)
+    # saved embedding base weights are the residuals; the converted adapter sits on the original base
+    converted = {k: v for k, v in tensors.items() if not k.endswith(".base_layer.weight")}
+    for key, value in tensors.items():
+        if key.endswith(("lora_A.weight", "lora_embedding_A")):
+            b_key = key.replace("lora_A.weight", "lora_B.weight").replace(
+                "lora_embedding_A", "lora_embedding_B"
+            )
+            missing = [k for k in (key, b_key) if k not in initial or initial[k].shape != tensors[k].shape]
+            if missing:
+                raise ValueError(
+                    f"The initial adapter in {initial_folder!r} does not fit this one ({missing[0]} missing or of "
+                    "another shape); pass the folder saved right after this adapter was created."
+                )
+            a0, b0 = initial[key].to(value), initial[b_key].to(tensors[b_key])
+            converted[key] = torch.cat([value.detach(), a0], dim=0)
+            converted[b_key] = torch.cat([tensors[b_key].detach(), -b0], dim=1)
+    new = copy.deepcopy(config)
+    new.r, new.lora_alpha = lora_init.converted_rank_and_alpha(config.r, config.lora_alpha, config.use_rslora)
+    new.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    new.alpha_pattern = {
+        k: lora_init.converted_rank_and_alpha(1, v, config.use_rslora)[1]
+        for k, v in config.alpha_pattern.items()
+    }
+    new.init_lora_weights = True
+    return converted, new
 
 
 def _config_json(config: PeftConfig) -> str:

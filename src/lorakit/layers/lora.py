@@ -67,7 +67,11 @@ class LoraLayer(AdapterLayer):
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self._create(adapter_name, plan.r, config, factory)
-        self._initialise(adapter_name, config.init_lora_weights)
+        if _is_data_driven(config.init_lora_weights):
+            self._initialise(adapter_name, True)
+            self._initialise_from_weight(adapter_name, config)
+        else:
+            self._initialise(adapter_name, config.init_lora_weights)
         self.use_dora[adapter_name] = config.use_dora
         if config.use_dora:
             self._create_magnitude(adapter_name, factory)
@@ -80,6 +84,38 @@ class LoraLayer(AdapterLayer):
             norm = row_norm(rows.float() + self._delta_rows(adapter_name).float())
             magnitude.weight.copy_(norm.view(magnitude.weight.shape))
         self.lora_magnitude_vector[adapter_name] = magnitude
+
+    def _initialise_from_weight(self, adapter_name: str, config: LoraConfig) -> None:
+        """PiSSA, OLoRA or LoftQ: factors computed from the base weight, which is replaced by the
+        residual (or, for LoftQ, its quantized version) so that `W_new + scaling B A` is `W` (or
+        LoftQ's approximation of it). The new weight is a new tensor: a base shared with other
+        layers (layer_replication) is never changed under them."""
+        from .. import init as lora_init
+        from ..quant import loftq_init
+
+        rows = self._base_rows()
+        matrix = rows.reshape(rows.shape[0], -1)
+        r, scaling, method = self.r[adapter_name], self.scaling[adapter_name], config.init_lora_weights
+        if method == "olora":
+            a, b, new = lora_init.olora_init(matrix, r, scaling)
+        elif method == "loftq":
+            loftq = config.loftq_config
+            bits, iters = loftq.get("loftq_bits", 8), loftq.get("loftq_iter", 1)
+            new, a, b = loftq_init(matrix, r, scaling, bits=bits, iters=iters)
+        else:
+            niter = int(method.rsplit("_", 1)[1]) if method.startswith("pissa_niter_") else None
+            a, b, new = lora_init.pissa_init(matrix, r, scaling, niter=niter)
+        self._set_factors(adapter_name, a, b)
+        weight = self.base_layer.weight
+        new_weight = self._rows_to_base(new.reshape(rows.shape)).to(weight.dtype).contiguous()
+        self.base_layer.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
+
+    def _set_factors(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Store 2-D factors A (r, fan_in) and B (rows, r) in this layer type's parameters."""
+        with torch.no_grad():
+            lora_a, lora_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+            lora_a.copy_(a.reshape(lora_a.shape))
+            lora_b.copy_(b.reshape(lora_b.shape))
 
     # ---- the weight in "rows" layout: one row per output (per DoRA magnitude) -----------------
     def _base_rows(self) -> torch.Tensor:
@@ -269,6 +305,11 @@ class Embedding(LoraLayer):
     def get_delta_bias(self, adapter_name: str) -> None:
         return None
 
+    def _set_factors(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.lora_embedding_A[adapter_name].copy_(a)
+            self.lora_embedding_B[adapter_name].copy_(b)
+
     def _base_rows(self) -> torch.Tensor:
         return self.base_layer.weight.t()  # (embedding_dim, num_embeddings), as PEFT's DoRA sees it
 
@@ -364,6 +405,10 @@ class Conv(LoraLayer):
                     result, x, a, b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
                 )
         return result
+
+
+def _is_data_driven(init: bool | str) -> bool:
+    return isinstance(init, str) and (init in ("pissa", "olora", "loftq") or init.startswith("pissa_niter_"))
 
 
 def _conv_class(base: nn.Module) -> type[nn.Module]:
