@@ -87,8 +87,9 @@ def test_loftq_gets_much_closer_to_full_precision_than_quantizing_alone():
         quantized_only = run(model, {"input_ids": ids})
     error_adapter = (with_adapter - full).norm() / full.norm()
     error_quantized = (quantized_only - full).norm() / full.norm()
-    # measured on this model: 2-bit NF alone 0.53, with the LoftQ adapter 0.30 (ratio 0.57)
-    assert error_adapter < 0.75 * error_quantized, (error_adapter.item(), error_quantized.item())
+    # measured on this model (relative logit error): 2-bit NF alone 0.404, with the LoftQ adapter 0.162
+    # (ratio 0.40); at 4 bits, 1 iteration: 0.057 -> 0.032 (0.56)
+    assert error_adapter < 0.55 * error_quantized, (error_adapter.item(), error_quantized.item())
 
 
 def test_loftq_works_on_embedding_and_conv_layers():
