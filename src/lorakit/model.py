@@ -7,6 +7,7 @@ back and the error is raised, so a failed call leaves the model as it was.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 
 from torch import nn
@@ -127,6 +128,14 @@ class LoraModel(nn.Module):
                 action()
             raise
         self.peft_config[adapter_name] = config
+        init = config.init_lora_weights
+        if isinstance(init, str) and init.startswith(("pissa", "olora", "loftq")):
+            warnings.warn(
+                f"init_lora_weights={init!r} replaced the targeted base weights (residual or quantized): "
+                "disable_adapter() and other adapters now see that base, not the original model. To share the "
+                "result, save with path_initial_model_for_weight_conversion (PiSSA/OLoRA) to get a plain LoRA.",
+                stacklevel=3,
+            )
         for layer in self._adapter_modules():
             if adapter_name in layer.adapter_names and config.inference_mode:
                 layer.frozen_adapters.add(adapter_name)
