@@ -721,7 +721,6 @@ def test_003_alignment_handbook_lora_config(tmp_path, lora_modules_to_save):
 # ----------------------------------------------------------------------------- 000 / 004: LoRA+
 
 
-@pytest.mark.skip(reason="LoRA+ trainer: issue 5")
 def test_000_004_loraplus_optimizer_gives_B_a_larger_learning_rate():
     from lorakit.optimizers import create_loraplus_optimizer
 

@@ -6,6 +6,7 @@ in the other.
 
 from .config import LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from .model import LoraModel
+from .optimizers import create_loraplus_optimizer
 from .peft_model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -36,6 +37,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "TaskType",
+    "create_loraplus_optimizer",
     "get_peft_model",
     "get_peft_model_state_dict",
     "prepare_model_for_kbit_training",

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import os
+import types
 from collections.abc import Iterator
 
 import torch
@@ -46,6 +48,7 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
         self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.forward = types.MethodType(_forward_with_signature_of(model), self)
 
     # ---- pass-through ----------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -409,6 +412,28 @@ def _reject_unsupported_kwargs(kwargs: dict, accepted_defaults: tuple[str, ...])
         if key in accepted_defaults and (harmless.get(key) == value or key == "torch_device"):
             continue
         raise TypeError(f"Argument {key}={value!r} is not supported by lorakit here.")
+
+
+def _forward_with_signature_of(model: nn.Module):
+    """`PeftModel.forward` carrying the base model's signature.
+
+    transformers' Trainer drops dataset columns the model's forward does not name, and inspects
+    PEFT's own class specially to find them; exposing the base signature makes the plain Trainer
+    keep `input_ids`, `labels`, ... for lorakit models too. A bound method (not a closure) so that
+    deepcopy rebinds it to the copy.
+    """
+
+    def forward(self, *args, **kwargs):
+        return self.get_base_model()(*args, **kwargs)
+
+    try:
+        base = inspect.signature(model.forward)
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        forward.__signature__ = base.replace(parameters=[self_param, *base.parameters.values()])
+    except (TypeError, ValueError):
+        pass
+    forward.__doc__ = PeftModel.forward.__doc__
+    return forward
 
 
 def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
