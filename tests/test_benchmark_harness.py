@@ -17,7 +17,9 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cor
 
 def test_quick_benchmark_runs_equal_work_and_reports_every_row(tmp_path):
     out = tmp_path / "core.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--json", str(out)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)], check=True, capture_output=True
+    )
     report = json.loads(out.read_text())
     assert report["libraries"] == {"a": "lorakit", "b": "peft"}
     assert report["sanity"]["loss_max_abs_diff"] <= 1e-4  # both sides computed the same model

@@ -581,7 +581,6 @@ def test_001_unload_returns_the_base_model_without_merging():
     torch.testing.assert_close(logits(unloaded), base_out)
 
 
-@pytest.mark.skip(reason="add_weighted_adapter: issue 4")
 def test_001_add_weighted_adapter_linear_combination():
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
     model.add_adapter("b", LoraConfig(target_modules=["q_proj", "v_proj"], r=4))

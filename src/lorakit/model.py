@@ -240,6 +240,14 @@ class LoraModel(nn.Module):
             if self._active_adapter:
                 self.set_adapter(self._active_adapter)
 
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs
+    ) -> None:
+        """Combine existing adapters into a new one (see `lorakit.weighted.add_weighted_adapter`)."""
+        from .weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
+
     # ---- merging and unloading -------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Merge adapters into the base weights, keeping the LoRA layers (undo: `unmerge_adapter`)."""

@@ -92,6 +92,39 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         self.base_model.set_adapter(adapter_name)
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        progressbar: bool = False,
+    ) -> None:
+        """Add `adapter_name`, a weighted combination of `adapters` (PEFT's eleven combination types).
+
+        The new adapter is inactive until `set_adapter(adapter_name)`. See
+        `lorakit.weighted.add_weighted_adapter` for each form and where lorakit differs from PEFT.
+        """
+        self.base_model.add_weighted_adapter(
+            adapters,
+            weights,
+            adapter_name,
+            combination_type=combination_type,
+            svd_rank=svd_rank,
+            svd_clamp=svd_clamp,
+            svd_full_matrices=svd_full_matrices,
+            svd_driver=svd_driver,
+            density=density,
+            majority_sign_method=majority_sign_method,
+            progressbar=progressbar,
+        )
+
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
 
