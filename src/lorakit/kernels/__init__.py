@@ -57,15 +57,7 @@ def add_lora_embedding(
         weight_a: (r, num_embeddings); row lookup uses the base layer's padding_idx / max_norm.
         weight_b: (embedding_dim, r).
     """
-    looked_up = F.embedding(
-        ids,
-        weight_a.t(),
-        base.padding_idx,
-        base.max_norm,
-        base.norm_type,
-        base.scale_grad_by_freq,
-        base.sparse,
-    )
+    looked_up = _lookup_columns(ids, weight_a, base)
     return result + (F.linear(looked_up * scaling, weight_b)).to(result.dtype)
 
 
@@ -89,6 +81,19 @@ def add_lora_conv(
     bias = bias_b * scaling if bias_b is not None else None
     conv = (F.conv1d, F.conv2d, F.conv3d)[weight_b.dim() - 3]
     return result + conv(hidden, weight_b, bias).to(result.dtype)
+
+
+def _lookup_columns(ids: torch.Tensor, weight_a: torch.Tensor, base: nn.Embedding) -> torch.Tensor:
+    """Columns of A (r, num_embeddings) for `ids`, with the base layer's lookup options: (..., r)."""
+    return F.embedding(
+        ids,
+        weight_a.t(),
+        base.padding_idx,
+        base.max_norm,
+        base.norm_type,
+        base.scale_grad_by_freq,
+        base.sparse,
+    )
 
 
 def _drops(dropout: nn.Module) -> bool:
@@ -133,15 +138,7 @@ def add_dora_embedding(
     base: nn.Embedding,
 ) -> torch.Tensor:
     """Return `f * (E[ids] + scaling * A^T[ids] B^T)` (DoRA on an embedding), f of shape (embedding_dim,)."""
-    looked_up = F.embedding(
-        ids,
-        weight_a.t(),
-        base.padding_idx,
-        base.max_norm,
-        base.norm_type,
-        base.scale_grad_by_freq,
-        base.sparse,
-    )
+    looked_up = _lookup_columns(ids, weight_a, base)
     lora = F.linear(looked_up * scaling, weight_b)
     return result + ((factor - 1) * result.to(factor.dtype) + factor * lora).to(result.dtype)
 
