@@ -91,11 +91,15 @@ class PeftConfig:
         from .checkpoint import atomic_write_text
 
         os.makedirs(save_directory, exist_ok=True)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+
+    def to_json_string(self) -> str:
+        """`adapter_config.json`'s text: saved adapters are always marked for inference, and
+        `peft_version` names the PEFT format they follow."""
         data = self.to_dict()
         data["inference_mode"] = True
         data["peft_version"] = PEFT_FORMAT_VERSION
-        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
@@ -136,6 +140,14 @@ class PeftConfig:
 
 
 _NOT_SAVED = {"runtime_config"}
+
+# Heads trained in full for classification tasks, added to modules_to_save as PEFT does; only
+# those present in the model are used.
+TASK_HEAD_MODULES: dict[str, tuple[str, ...]] = {
+    TaskType.SEQ_CLS.value: ("classifier", "score"),
+    TaskType.TOKEN_CLS.value: ("classifier", "score"),
+    TaskType.QUESTION_ANS.value: ("qa_outputs",),
+}
 
 _KNOWN_INITS = ("gaussian", "pissa", "olora", "loftq", "eva", "corda", "orthogonal", "lora_ga")
 # init strategies lorakit implements today; the others are accepted for file compatibility

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import LoraConfig, PeftConfig
+from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig
 from .layers.base import AdapterLayer, ModulesToSaveWrapper
 from .layers.lora import LoraLayer, create_lora_layer, is_gpt2_conv1d
 from .replication import replicate_layers
-from .targeting import name_matches, plan_targets, resolve_target_modules
+from .targeting import is_internal_name, name_matches, plan_targets, resolve_target_modules
 
 
 def module_kind(module: nn.Module) -> str:
@@ -202,8 +202,8 @@ class LoraModel(nn.Module):
         self, config: LoraConfig, kinds: dict[str, str], lora_names: set[str]
     ) -> list[str]:
         wanted = config.modules_to_save or []
-        automatic = set(getattr(config, "_automatic_modules_to_save", ()))
-        names = [n for n in kinds if n and not _internal(n)]
+        automatic = set(TASK_HEAD_MODULES.get(config.task_type or "", ()))
+        names = [n for n in kinds if n and not is_internal_name(n)]
         chosen = []
         for key in wanted:
             hits = [n for n in names if name_matches(n, [key])]
@@ -371,10 +371,3 @@ def _untie_merge_targets(layers: list[AdapterLayer], adapter_names: list[str] | 
             if tensor is not None and owners[tensor.data_ptr()] > 1:
                 owners[tensor.data_ptr()] -= 1
                 setattr(base, key, nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad))
-
-
-def _internal(name: str) -> bool:
-    parts = name.split(".")
-    return any(
-        p in ("base_layer", "modules_to_save", "original_module") or p.startswith("lora_") for p in parts
-    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import json
 import os
 import types
 from collections.abc import Iterator
@@ -18,16 +17,9 @@ import torch
 from torch import nn
 
 from .checkpoint import adapter_slots, check_fits, copy_into, read_adapter_weights, save_adapter_files
-from .config import PEFT_FORMAT_VERSION, LoraConfig, PeftConfig, TaskType
+from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, TaskType
 from .layers.lora import Embedding
 from .model import LoraModel
-
-# Heads trained in full for classification tasks, as PEFT adds them (only those present are used).
-_TASK_HEADS = {
-    TaskType.SEQ_CLS.value: ["classifier", "score"],
-    TaskType.TOKEN_CLS.value: ["classifier", "score"],
-    TaskType.QUESTION_ANS.value: ["qa_outputs"],
-}
 
 
 class PeftModel(nn.Module):
@@ -219,7 +211,7 @@ class PeftModel(nn.Module):
                 tensors, config = _convert_mutated_init(
                     tensors, config, str(path_initial_model_for_weight_conversion)
                 )
-            save_adapter_files(folder, tensors, _config_json(config), safe=safe_serialization)
+            save_adapter_files(folder, tensors, config.to_json_string(), safe=safe_serialization)
 
     def _saves_embeddings(self, adapter_name: str, setting: str | bool) -> bool:
         if setting != "auto":
@@ -295,11 +287,10 @@ class PeftModel(nn.Module):
         copy_into(slots, state)
 
     def _with_task_heads(self, config: PeftConfig) -> PeftConfig:
-        heads = _TASK_HEADS.get(getattr(self, "task_type", None) or "", [])
+        heads = TASK_HEAD_MODULES.get(getattr(self, "task_type", None) or "", ())
         if heads and isinstance(config, LoraConfig):
             present = config.modules_to_save or []
             config.modules_to_save = present + [h for h in heads if h not in present]
-            config._automatic_modules_to_save = heads
         return config
 
 
@@ -414,13 +405,6 @@ def _convert_mutated_init(
     }
     new.init_lora_weights = True
     return converted, new
-
-
-def _config_json(config: PeftConfig) -> str:
-    data = config.to_dict()
-    data["inference_mode"] = True
-    data["peft_version"] = PEFT_FORMAT_VERSION
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
 def _local_folder(model_id: str | os.PathLike, subfolder: str | None) -> str:

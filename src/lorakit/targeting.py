@@ -134,7 +134,7 @@ def resolve_target_modules(
             if kind.split(":")[-1] in LINEAR_KINDS
             and name != output_head
             and not name_matches(name, skip)
-            and not _is_internal(name)
+            and not is_internal_name(name)
         }
         if not chosen:
             raise ValueError(
@@ -156,7 +156,7 @@ def plan_targets(kinds: dict[str, str], config: LoraConfig, targets: set[str] | 
         ValueError: nothing matches (with near names), a match is of a type LoRA cannot adapt,
             everything matched is excluded, or `layers_to_transform` leaves nothing.
     """
-    names = [n for n in kinds if n and not _is_internal(n)]
+    names = [n for n in kinds if n and not is_internal_name(n)]
     matched = [n for n in names if name_matches(n, targets)]
     if not matched:
         adaptable = [n for n in names if kinds[n].split(":")[-1] in SUPPORTED_KINDS]
@@ -211,7 +211,8 @@ def _warn_unused_patterns(config: LoraConfig, matched: list[str]) -> None:
                 )
 
 
-def _is_internal(name: str) -> bool:
+def is_internal_name(name: str) -> bool:
+    """True for modules inside lorakit's own wrappers (`q_proj.lora_A.default`, `base_layer`, ...)."""
     return any(part in _INTERNAL_PARTS for part in name.split("."))
 
 

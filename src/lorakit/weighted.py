@@ -351,7 +351,7 @@ def _combined_bias(layer: LoraLayer, present: list[tuple[str, float]]) -> torch.
 
 
 def _store(layer: LoraLayer, adapter_name: str, result: _Combined) -> None:
-    layer._set_factors(adapter_name, result.lora_a, result.lora_b)
+    layer.set_factors(adapter_name, result.lora_a, result.lora_b)
     if result.bias is not None:
         with torch.no_grad():
             layer.lora_B[adapter_name].bias.copy_(result.bias)

@@ -32,7 +32,7 @@ def add_lora_linear(
     """
     hidden = F.linear(dropout(x.to(weight_a.dtype)), weight_a) * scaling
     bias = bias_b * scaling if bias_b is not None else None
-    if hidden.dtype == result.dtype and weight_b.dtype == result.dtype and result.dim() >= 1:
+    if hidden.dtype == result.dtype and weight_b.dtype == result.dtype:
         flat = torch.addmm(
             result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), weight_b.t()
         )

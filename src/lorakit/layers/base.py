@@ -7,6 +7,8 @@ adapter, compute its weight change and run its forward.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -146,10 +148,9 @@ class AdapterLayer(nn.Module):
         self._check_merge_allowed(names)
         for name in names:
             self.check_finite(name, with_base=safe_merge)
-        weight = self.base_layer.weight
         for name in names:
             with torch.no_grad():
-                weight.data += self.get_delta_weight(name)
+                self._merge_weight(name)
                 delta_bias = self.get_delta_bias(name)
                 if delta_bias is not None:
                     self._base_bias_for_merge().data += delta_bias
@@ -164,6 +165,10 @@ class AdapterLayer(nn.Module):
                 delta_bias = self.get_delta_bias(name)
                 if delta_bias is not None:
                     self.base_layer.bias.data -= delta_bias
+
+    def _merge_weight(self, adapter_name: str) -> None:
+        """Add adapter `adapter_name`'s change into the base weight (additive by default)."""
+        self.base_layer.weight.data += self.get_delta_weight(adapter_name)
 
     def _unmerge_weight(self, adapter_name: str) -> None:
         """Take adapter `adapter_name`'s change back out of the base weight (additive by default)."""
@@ -209,8 +214,6 @@ class ModulesToSaveWrapper(nn.Module):
         self.add_copy(adapter_name)
 
     def add_copy(self, adapter_name: str) -> None:
-        import copy
-
         module_copy = copy.deepcopy(self.original_module)
         module_copy.requires_grad_(True)
         self.modules_to_save[adapter_name] = module_copy

@@ -105,12 +105,12 @@ class LoraLayer(AdapterLayer):
         else:
             niter = int(method.rsplit("_", 1)[1]) if method.startswith("pissa_niter_") else None
             a, b, new = lora_init.pissa_init(matrix, r, scaling, niter=niter)
-        self._set_factors(adapter_name, a, b)
+        self.set_factors(adapter_name, a, b)
         weight = self.base_layer.weight
         new_weight = self._rows_to_base(new.reshape(rows.shape)).to(weight.dtype).contiguous()
         self.base_layer.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
 
-    def _set_factors(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    def set_factors(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Store 2-D factors A (r, fan_in) and B (rows, r) in this layer type's parameters."""
         with torch.no_grad():
             lora_a, lora_b = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
@@ -148,10 +148,14 @@ class LoraLayer(AdapterLayer):
         if self.use_dora.get(adapter_name):
             rows = self._base_rows()
             factor = self._dora_factor(adapter_name).detach()
-            self._dora_merge_factor[adapter_name] = factor
             shape = (-1,) + (1,) * (rows.dim() - 1)
             delta = factor.view(shape).to(rows.dtype) * (rows + delta.to(rows.dtype)) - rows
         return self._rows_to_base(delta).to(self.base_layer.weight.dtype)
+
+    def _merge_weight(self, adapter_name: str) -> None:
+        if self.use_dora.get(adapter_name):  # unmerging needs the factor of the weight merged into
+            self._dora_merge_factor[adapter_name] = self._dora_factor(adapter_name).detach()
+        super()._merge_weight(adapter_name)
 
     def _unmerge_weight(self, adapter_name: str) -> None:
         if not self.use_dora.get(adapter_name):
@@ -302,10 +306,7 @@ class Embedding(LoraLayer):
                 nn.init.zeros_(a)
                 nn.init.normal_(b)
 
-    def get_delta_bias(self, adapter_name: str) -> None:
-        return None
-
-    def _set_factors(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    def set_factors(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         with torch.no_grad():
             self.lora_embedding_A[adapter_name].copy_(a)
             self.lora_embedding_B[adapter_name].copy_(b)
