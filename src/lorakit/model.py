@@ -6,6 +6,7 @@ back and the error is raised, so a failed call leaves the model as it was.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig
-from .layers.base import AdapterLayer, ModulesToSaveWrapper
+from .layers.base import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper
 from .layers.lora import LoraLayer, create_lora_layer, is_gpt2_conv1d
 from .replication import replicate_layers
 from .targeting import is_internal_name, name_matches, plan_targets, resolve_target_modules
@@ -58,8 +59,46 @@ class LoraModel(nn.Module):
         self.inject_adapter(adapter_name, config)
 
     # ---- pass-through ----------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        """The wrapped model's forward; `adapter_names` (one per sample) runs a mixed batch."""
+        with self.per_sample_adapters(adapter_names):
+            return self.model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def per_sample_adapters(self, adapter_names: list[str] | None) -> Iterator[None]:
+        """Within the block every adapted layer gives sample i adapter `adapter_names[i]` alone
+        (`"__base__"`: the base model), in training as in inference; None changes nothing.
+
+        The active set is ignored for such a batch; an adapter trains on its samples if its
+        parameters require grad (`set_adapter` on all the names makes them trainable).
+
+        Raises:
+            ValueError: an unknown name, or adapters merged into the base weights.
+        """
+        if adapter_names is None:
+            yield
+            return
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = sorted({n for n in names if n != BASE_ADAPTER_NAME and n not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"adapter_names has unknown adapter(s) {unknown}; this model has {list(self.peft_config)} "
+                f"(use {BASE_ADAPTER_NAME!r} for the base model)."
+            )
+        layers = list(self._adapter_modules())
+        merged = [m.module_name for m in layers if isinstance(m, AdapterLayer) and m.merged]
+        if merged:
+            raise ValueError(
+                f"Adapters are merged into {merged[0]!r} (and {len(merged) - 1} more modules); a mixed batch "
+                "(adapter_names=) needs unmerged adapters: call unmerge_adapter() first."
+            )
+        for layer in layers:
+            layer.sample_adapters = names
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.sample_adapters = None
 
     def __getattr__(self, name: str):
         try:

@@ -44,11 +44,23 @@ class PeftModel(nn.Module):
 
     # ---- pass-through ----------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        return self.get_base_model()(*args, **kwargs)
+        """Your model's forward; `adapter_names=[...]` (one per sample, `"__base__"` for none) runs
+        a mixed batch, in training as in inference."""
+        with self.base_model.per_sample_adapters(kwargs.pop("adapter_names", None)):
+            return self.get_base_model()(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        """The base model's `generate`, with the active adapters in the loop."""
-        return self.get_base_model().generate(*args, **kwargs)
+        """The base model's `generate`, with the active adapters in the loop.
+
+        `adapter_names` (one per prompt) works as in `forward`; each name is repeated for the
+        `num_beams * num_return_sequences` rows generate makes of its prompt.
+        """
+        names = kwargs.pop("adapter_names", None)
+        if names is not None:
+            copies = kwargs.get("num_beams", 1) * kwargs.get("num_return_sequences", 1)
+            names = [n for n in names for _ in range(copies)]
+        with self.base_model.per_sample_adapters(names):
+            return self.get_base_model().generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -441,7 +453,7 @@ def _forward_with_signature_of(model: nn.Module):
     """
 
     def forward(self, *args, **kwargs):
-        return self.get_base_model()(*args, **kwargs)
+        return PeftModel.forward(self, *args, **kwargs)
 
     try:
         base = inspect.signature(model.forward)

@@ -8,9 +8,12 @@ adapter, compute its weight change and run its forward.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 from torch import nn
+
+BASE_ADAPTER_NAME = "__base__"  # a per-sample adapter name meaning "no adapter"
 
 
 class AdapterLayer(nn.Module):
@@ -33,6 +36,8 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.frozen_adapters: set[str] = set()  # adapters in inference mode never train
         self.module_name = ""  # set by the model, used in error messages
+        # one adapter name per sample while the model runs a mixed batch (`adapter_names=`), else None
+        self.sample_adapters: list[str] | None = None
 
     def get_base_layer(self) -> nn.Module:
         """The original module this layer wraps."""
@@ -211,6 +216,7 @@ class ModulesToSaveWrapper(nn.Module):
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.frozen_adapters: set[str] = set()
+        self.sample_adapters: list[str] | None = None  # see AdapterLayer.sample_adapters
         self.add_copy(adapter_name)
 
     def add_copy(self, adapter_name: str) -> None:
@@ -250,8 +256,15 @@ class ModulesToSaveWrapper(nn.Module):
                     return self.modules_to_save[name]
         return self.original_module
 
-    def forward(self, *args, **kwargs):
-        return self.current_module()(*args, **kwargs)
+    def forward(self, x, *args, **kwargs):
+        if self.sample_adapters is None or self._disable_adapters:
+            return self.current_module()(x, *args, **kwargs)
+
+        def run(name: str, index: slice | torch.Tensor) -> torch.Tensor:
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            return module(x[index], *args, **kwargs)
+
+        return per_sample(self.sample_adapters, x, run, type(self.original_module).__name__)
 
     def __getattr__(self, name: str):
         try:
@@ -261,6 +274,45 @@ class ModulesToSaveWrapper(nn.Module):
                 raise
             # user code reads attributes of the wrapped module (e.g. `classifier.out_features`)
             return getattr(self.current_module(), name)
+
+
+def per_sample(
+    names: list[str], x: torch.Tensor, run: Callable[[str, slice | torch.Tensor], torch.Tensor], where: str
+) -> torch.Tensor:
+    """Run a mixed batch: `run(name, index)` computes the output rows of the samples at `index`
+    (a slice when they are contiguous) with adapter `name`; the pieces are put back in sample order.
+
+    Args:
+        names: one adapter name per sample (`"__base__"`: none).
+        x: the layer input, batch first: (batch, ...).
+        where: the layer's name, for the error.
+    Raises:
+        ValueError: `len(names)` is not the batch size.
+    """
+    batch = x.shape[0]
+    if len(names) != batch:
+        raise ValueError(
+            f"adapter_names has {len(names)} entries but {where!r} got a batch of {batch} samples; "
+            "pass exactly one adapter name per sample."
+        )
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        positions.setdefault(name, []).append(i)
+    if len(positions) == 1:
+        return run(names[0], slice(None))
+    contiguous = all(p[-1] - p[0] + 1 == len(p) for p in positions.values())
+    if contiguous:  # blocks of samples per adapter: slices are views, no gather needed
+        groups = sorted(positions.items(), key=lambda item: item[1][0])
+        return torch.cat([run(name, slice(p[0], p[-1] + 1)) for name, p in groups])
+    pieces, order = [], []
+    for name, p in positions.items():
+        index = torch.tensor(p)
+        pieces.append(run(name, index.to(x.device)))
+        order += p
+    inverse = torch.empty(batch, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(batch)
+    out = torch.cat(pieces)
+    return out.index_select(0, inverse.to(out.device))
 
 
 def _tensors(holder) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import nn
 from .. import kernels
 from ..config import LoraConfig
 from ..targeting import TargetPlan
-from .base import AdapterLayer
+from .base import AdapterLayer, per_sample
 from .dora import MagnitudeVector, dora_factor, row_norm
 
 
@@ -215,6 +215,39 @@ class LoraLayer(AdapterLayer):
             return True
         return self.merged
 
+    def _add_adapter(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`result` (the base output for input `x`) plus adapter `name`'s contribution."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base output plus every active adapter's; with `sample_adapters` set (a mixed
+        batch), each sample gets only its own adapter, in training too."""
+        if self.sample_adapters is not None:
+            return self._forward_mixed(x, self.sample_adapters, *args, **kwargs)
+        if self._use_base_only():
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self._active_here():
+            result = self._add_adapter(name, result, x)
+        return result
+
+    def _forward_mixed(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
+        if self.merged:
+            raise ValueError(
+                f"{self.module_name!r} has merged adapters {self.merged_adapters}; a mixed batch "
+                "(adapter_names=) needs unmerged adapters: call unmerge_adapter() first."
+            )
+        result = self.base_layer(x, *args, **kwargs)
+        if self._disable_adapters:
+            return result
+
+        def run(name: str, index: slice | torch.Tensor) -> torch.Tensor:
+            if name not in self.r:  # "__base__", or an adapter that does not target this module
+                return result[index]
+            return self._add_adapter(name, result[index], x[index])
+
+        return per_sample(names, x, run, self.module_name or type(self.base_layer).__name__)
+
 
 class Linear(LoraLayer):
     """LoRA on `nn.Linear` or transformers' `Conv1D` (`fan_in_fan_out`: weight stored (in, out)).
@@ -244,30 +277,23 @@ class Linear(LoraLayer):
             adapter_name
         ]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._use_base_only():
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self._active_here():
-            a, b = self.lora_A[name].weight, self.lora_B[name]
-            if self.use_dora[name]:
-                factor = self._dora_factor(name)
-                result = kernels.add_dora_linear(
-                    result,
-                    x,
-                    self._base_rows(),
-                    self.base_layer.bias,
-                    a,
-                    b.weight,
-                    factor,
-                    self.scaling[name],
-                    self.lora_dropout[name],
-                )
-            else:
-                result = kernels.add_lora_linear(
-                    result, x, a, b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
-                )
-        return result
+    def _add_adapter(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name]
+        if self.use_dora[name]:
+            return kernels.add_dora_linear(
+                result,
+                x,
+                self._base_rows(),
+                self.base_layer.bias,
+                a,
+                b.weight,
+                self._dora_factor(name),
+                self.scaling[name],
+                self.lora_dropout[name],
+            )
+        return kernels.add_lora_linear(
+            result, x, a, b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
+        )
 
 
 class Embedding(LoraLayer):
@@ -322,20 +348,12 @@ class Embedding(LoraLayer):
             adapter_name
         ]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._use_base_only():
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self._active_here():
-            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            if self.use_dora[name]:
-                factor = self._dora_factor(name)
-                result = kernels.add_dora_embedding(
-                    result, x, a, b, factor, self.scaling[name], self.base_layer
-                )
-            else:
-                result = kernels.add_lora_embedding(result, x, a, b, self.scaling[name], self.base_layer)
-        return result
+    def _add_adapter(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        if self.use_dora[name]:
+            factor = self._dora_factor(name)
+            return kernels.add_dora_embedding(result, x, a, b, factor, self.scaling[name], self.base_layer)
+        return kernels.add_lora_embedding(result, x, a, b, self.scaling[name], self.base_layer)
 
 
 class Conv(LoraLayer):
@@ -383,29 +401,16 @@ class Conv(LoraLayer):
     def _magnitude_shape(self, rows: torch.Tensor) -> tuple[int, ...]:
         return (1, rows.shape[0]) + (1,) * (rows.dim() - 2)  # PEFT's (1, out, 1, ...)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._use_base_only():
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        for name in self._active_here():
-            a, b = self.lora_A[name], self.lora_B[name]
-            if self.use_dora[name]:
-                factor = self._dora_factor(name)
-                result = kernels.add_dora_conv(
-                    result,
-                    x,
-                    self.base_layer,
-                    a,
-                    b.weight,
-                    factor,
-                    self.scaling[name],
-                    self.lora_dropout[name],
-                )
-            else:
-                result = kernels.add_lora_conv(
-                    result, x, a, b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
-                )
-        return result
+    def _add_adapter(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        if self.use_dora[name]:
+            factor = self._dora_factor(name)
+            return kernels.add_dora_conv(
+                result, x, self.base_layer, a, b.weight, factor, self.scaling[name], self.lora_dropout[name]
+            )
+        return kernels.add_lora_conv(
+            result, x, a, b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
+        )
 
 
 def _is_data_driven(init: bool | str) -> bool:
