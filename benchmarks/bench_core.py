@@ -103,8 +103,8 @@ def make_setup(args: argparse.Namespace) -> Setup:
     return Setup(**shape, rank=16, alpha=32, dropout=args.dropout, seed=args.seed)
 
 
-def build_base(setup: Setup) -> LlamaForCausalLM:
-    """A randomly initialised float32 Llama, seeded, with every weight frozen."""
+def build_base(setup: Setup, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A randomly initialised Llama (float32 on CPU by default), seeded, with every weight frozen."""
     torch.manual_seed(setup.seed)
     config = LlamaConfig(
         hidden_size=setup.hidden_size,
@@ -117,8 +117,9 @@ def build_base(setup: Setup) -> LlamaForCausalLM:
         use_cache=False,
         attn_implementation="sdpa",
     )
-    model = LlamaForCausalLM(config).to(torch.float32)
-    model.requires_grad_(False)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.to(dtype).requires_grad_(False)
     return model
 
 
@@ -458,10 +459,15 @@ def main(argv: list[str] | None = None) -> None:
     results.update(wall_s=time.perf_counter() - start, load_start=load_start, load_end=os.getloadavg()[0])
     print(f"\n{header(results)}\n")
     print(table(results, args.lib_a if args.lib_a != "peft" else "peft (A)", "peft"))
-    if args.json:
-        with open(args.json, "w") as f:
+    write_json(results, args.json)
+
+
+def write_json(results: dict, path: str | None) -> None:
+    """Write `results` to `path` as indented JSON (nothing when `path` is None)."""
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=2)
-        print(f"\nwrote {args.json}")
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

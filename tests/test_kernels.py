@@ -57,7 +57,7 @@ def outputs_and_grads(layer, x, seed, fn):
     x = x.clone().requires_grad_(True)
     torch.manual_seed(seed)
     out = fn(layer, x, seed)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device)
     params = [p for p in layer.parameters() if p.requires_grad]
     grads = torch.autograd.grad((out * weights).sum(), [x, *params])
     return out, grads
