@@ -152,3 +152,60 @@ def test_every_adapted_linear_goes_through_the_fused_function():
         node = node.next_functions[0][0] if node.next_functions else None
     assert names.count("LoraLinearFunctionBackward") == 2
     assert isinstance(layer, AdapterLayer)
+
+
+@pytest.mark.parametrize("case", ["one adapter", "dora", "dropout"])
+def test_trainable_base_weight_gets_the_plain_gradient(case):
+    layer = adapted_linear(CASES[case]).train()
+    layer.base_layer.requires_grad_(True)
+    x = torch.randn(5, 7)
+    out, grads = outputs_and_grads(layer, x, 2, lambda m, v, s: m(v))
+    ref_out, ref_grads = outputs_and_grads(layer, x, 2, reference)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gpt2_conv1d_fused_path_matches_the_formula():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = Conv1D(5, 7)
+    base.requires_grad_(False)
+    with pytest.warns(UserWarning):
+        layer = create_lora_layer(base, LoraConfig(target_modules=["x"], init_lora_weights=False), "x")
+    cfg = LoraConfig(target_modules=["x"], init_lora_weights=False, fan_in_fan_out=True, lora_dropout=0.2)
+    layer.update_layer("a", TargetPlan(3, 6.0, False), cfg)
+    layer.set_adapter("a")
+    layer.train()
+    x = torch.randn(2, 4, 7, requires_grad=True)
+    torch.manual_seed(4)
+    out = layer(x)
+    torch.manual_seed(4)
+    dropped = F.dropout(x, 0.2, True)
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    expected = x @ base.weight + base.bias + 2.0 * dropped @ a.t() @ b.t()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.square().sum(), [x, a, b])
+    ref = torch.autograd.grad(expected.square().sum(), [x, a, b])
+    for got, want in zip(grads, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_on_the_base_layer_still_run():
+    layer = adapted_linear({"a": {}})
+    seen = []
+    layer.base_layer.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(3, 7)
+    out = layer(x)
+    assert seen == [(3, 5)]
+    torch.testing.assert_close(out, reference(layer, x, 0), rtol=1e-5, atol=1e-6)
+
+
+def test_inference_without_grad_matches_the_training_path():
+    layer = adapted_linear({"a": {}, "b": {"use_dora": True}}).eval()
+    x = torch.randn(4, 7)
+    with torch.no_grad():
+        fast = layer(x)
+    torch.testing.assert_close(fast, layer(x).detach())
+    torch.testing.assert_close(fast, reference(layer, x, 0), rtol=1e-5, atol=1e-6)

@@ -1,8 +1,9 @@
 """The compute of every adapted layer: one place, so a faster path helps every feature.
 
-Each function adds one adapter's contribution to a base output. The scale is applied to the
-rank-r tensor (`B (s * A x)` equals `s * B A x`) so no full-size pass is spent on it, and the add is
-fused into the output matmul (`addmm`) where the dtypes allow.
+Each `add_*` function adds one adapter's contribution to a base output; `linear_with_adapter`
+computes a plain linear base and its first adapter in one autograd node (`linear.py`). The scale
+is applied to the rank-r tensor (`B (s * A x)` equals `s * B A x`) so no full-size pass is spent on
+it, and the add is fused into the output matmul (`addmm`) where the dtypes allow.
 """
 
 from __future__ import annotations
@@ -10,6 +11,50 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .linear import LoraLinearFunction, drop_probability, fusable, fused_linear
+
+__all__ = [
+    "LoraLinearFunction",
+    "add_dora_conv",
+    "add_dora_embedding",
+    "add_dora_linear",
+    "add_lora_conv",
+    "add_lora_embedding",
+    "add_lora_linear",
+    "linear_with_adapter",
+]
+
+
+def linear_with_adapter(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    base_bias: torch.Tensor | None,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    bias_b: torch.Tensor | None,
+    factor: torch.Tensor | None,
+    scaling: float,
+    dropout: nn.Module,
+) -> torch.Tensor:
+    """The base linear layer and one adapter in one node: `x W^T + b + scaling * (B A dropout(x) + bias_b)`,
+    or with a DoRA `factor` f: `f * (x W^T + scaling * B A x) + b`.
+
+    Args:
+        x: (..., in_features). base_weight: (out_features, in_features) (a transposed view for
+            fan_in_fan_out). base_bias: (out_features,) or None.
+        weight_a, weight_b, bias_b, scaling, dropout: as in `add_lora_linear`.
+        factor: (out_features,) `magnitude / ||W + scaling B A||` (norm detached) for DoRA, else None.
+    """
+    p = drop_probability(dropout)
+    if fusable(x, base_weight.dtype, weight_a) and not (factor is not None and p > 0):
+        return fused_linear(None, x, base_weight, base_bias, weight_a, weight_b, bias_b, factor, scaling, p)
+    result = F.linear(x, base_weight, base_bias)
+    if factor is not None:
+        return add_dora_linear(
+            result, x, base_weight, base_bias, weight_a, weight_b, factor, scaling, dropout
+        )
+    return add_lora_linear(result, x, weight_a, weight_b, bias_b, scaling, dropout)
 
 
 def add_lora_linear(
@@ -30,124 +75,12 @@ def add_lora_linear(
         scaling: alpha / r (or alpha / sqrt(r)).
         dropout: applied to `x` on the adapter path only.
     """
-    if _fusable(result, x, weight_a):
-        return _run_fused(
-            result, x, weight_a, weight_b, bias_b, None, None, scaling, _drop_probability(dropout)
-        )
+    if fusable(x, result.dtype, weight_a):
+        p = drop_probability(dropout)
+        return fused_linear(result, x, None, None, weight_a, weight_b, bias_b, None, scaling, p)
     hidden = F.linear(dropout(x.to(weight_a.dtype)), weight_a) * scaling
     bias = bias_b * scaling if bias_b is not None else None
     return result + F.linear(hidden, weight_b, bias).to(result.dtype)
-
-
-def _fusable(result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor) -> bool:
-    """The fused path runs where result, input and adapter share a dtype, or on CUDA where a
-    half-precision base computes its float32 adapter in the base dtype (weights cast, tiny)."""
-    if result.dtype == x.dtype == weight_a.dtype:
-        return True
-    return x.is_cuda and result.dtype == x.dtype and x.dtype in (torch.float16, torch.bfloat16)
-
-
-def _drop_probability(dropout: nn.Module) -> float:
-    return float(dropout.p) if _drops(dropout) else 0.0
-
-
-def _run_fused(
-    result: torch.Tensor,
-    x: torch.Tensor,
-    weight_a: torch.Tensor,
-    weight_b: torch.Tensor,
-    bias_b: torch.Tensor | None,
-    factor: torch.Tensor | None,
-    base_bias: torch.Tensor | None,
-    scaling: float,
-    p: float,
-) -> torch.Tensor:
-    """Flatten to 2-D, run `LoraLinearFunction`, restore the shape."""
-    flat = LoraLinearFunction.apply(
-        result.reshape(-1, result.shape[-1]),
-        x.reshape(-1, x.shape[-1]),
-        weight_a,
-        weight_b,
-        bias_b,
-        factor,
-        base_bias,
-        scaling,
-        p,
-    )
-    return flat.view(result.shape)
-
-
-class LoraLinearFunction(torch.autograd.Function):
-    """`out = result + s * (B A drop(x) + b_B)`, and with a DoRA factor f:
-    `out = f * (result - b + s * (B A drop(x) + b_B)) + b` (b the base bias, f `m / ||W + s B A||`).
-
-    One autograd node per adapter and layer. The scale multiplies the rank-r tensor, the add is the
-    output matmul's `addmm`, and backward keeps only: the input x (which other adapters and layers
-    reading the same x share), the rank-r hidden `s A drop(x)`, a one-byte keep-mask when dropout is
-    on (the dropped input is rebuilt in backward, never stored), and for DoRA the output itself (from
-    which `(result - b + lora)` is `out / f`) or, with a base bias, that direction.
-
-    Shapes: result (N, out), x (N, in), weight_a (r, in), weight_b (out, r), bias_b / factor /
-    base_bias (out,). The dropout mask is drawn as `torch.nn.functional.dropout` draws it, so a fixed
-    seed drops the same elements as PEFT's `nn.Dropout`.
-    """
-
-    @staticmethod
-    def forward(ctx, result, x, weight_a, weight_b, bias_b, factor, base_bias, scaling, p):
-        compute = x.dtype
-        a, b = weight_a.to(compute), weight_b.to(compute)
-        dropped, keep = _dropout_with_mask(x, p) if p > 0 else (x, None)
-        hidden = torch.mm(dropped, a.t()).mul_(scaling)
-        out = torch.addmm(result, hidden, b.t())
-        if bias_b is not None:
-            out.add_(bias_b.to(compute), alpha=scaling)
-        direction = recover = None
-        if factor is not None:
-            f = factor.to(compute)
-            direction = out if base_bias is None else out.sub_(base_bias)
-            out = direction * f if base_bias is None else torch.addcmul(base_bias, direction, f)
-            # without a base bias the direction is out / f exactly (to rounding) unless some f is 0
-            recover = base_bias is None and not torch.compiler.is_compiling() and not bool((f == 0).any())
-        ctx.scaling, ctx.p, ctx.has_bias_b, ctx.recover = scaling, p, bias_b is not None, recover
-        ctx.dtypes = (weight_a.dtype, weight_b.dtype)
-        ctx.save_for_backward(x, keep, a, b, hidden, factor, out if recover else direction)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, keep, a, b, hidden, factor, direction = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad = grad_out
-        grad_factor = grad_base_bias = None
-        if factor is not None:
-            f = factor.to(grad.dtype)
-            if need[5]:
-                moment = (grad * direction).sum(0)  # direction is the output itself when recovered
-                grad_factor = (moment / f if ctx.recover else moment).to(factor.dtype)
-            if need[6]:
-                grad_base_bias = grad.sum(0) * (1 - f)
-            grad = grad * f
-        grad_b = grad.t().mm(hidden).to(ctx.dtypes[1]) if need[3] else None
-        grad_bias_b = (grad.sum(0) * ctx.scaling).to(ctx.dtypes[1]) if need[4] and ctx.has_bias_b else None
-        grad_hidden = grad.mm(b).mul_(ctx.scaling) if (need[1] or need[2]) else None
-        grad_a = grad_x = None
-        scale = 1.0 / (1.0 - ctx.p)
-        if need[2]:
-            dropped = x if keep is None else x * keep * scale
-            grad_a = grad_hidden.t().mm(dropped).to(ctx.dtypes[0])
-        if need[1]:
-            grad_x = grad_hidden.mm(a)
-            if keep is not None:
-                grad_x = grad_x.mul_(keep).mul_(scale)
-        return grad, grad_x, grad_a, grad_b, grad_bias_b, grad_factor, grad_base_bias, None, None
-
-
-def _dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(dropout(x), keep)` with a bool keep-mask; the same draw as `F.dropout(x, p)`."""
-    if x.is_cuda:
-        return torch.native_dropout(x, p, True)
-    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
-    return x * keep * (1.0 / (1.0 - p)), keep
 
 
 def add_lora_embedding(
@@ -205,10 +138,6 @@ def _lookup_columns(ids: torch.Tensor, weight_a: torch.Tensor, base: nn.Embeddin
     )
 
 
-def _drops(dropout: nn.Module) -> bool:
-    return dropout.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0.0) > 0
-
-
 def add_dora_linear(
     result: torch.Tensor,
     x: torch.Tensor,
@@ -228,11 +157,11 @@ def add_dora_linear(
         base_weight: (out_features, in_features) (a transposed view for fan_in_fan_out).
         factor: (out_features,) `magnitude / ||W + scaling B A||`, norm detached.
     """
-    if not _drops(dropout) and _fusable(result, x, weight_a):
-        return _run_fused(result, x, weight_a, weight_b, None, factor, base_bias, scaling, 0.0)
+    if drop_probability(dropout) == 0 and fusable(x, result.dtype, weight_a):
+        return fused_linear(result, x, None, base_bias, weight_a, weight_b, None, factor, scaling, 0.0)
     dropped = dropout(x.to(weight_a.dtype))
     lora = F.linear(F.linear(dropped, weight_a) * scaling, weight_b)
-    if _drops(dropout):
+    if drop_probability(dropout) > 0:
         base_wx = F.linear(dropped.to(base_weight.dtype), base_weight)
     else:
         base_wx = result if base_bias is None else result - base_bias
@@ -273,7 +202,7 @@ def add_dora_conv(
     conv = (F.conv1d, F.conv2d, F.conv3d)[weight_b.dim() - 3]
     lora = conv(conv_a(dropped) * scaling, weight_b)
     view = (1, -1) + (1,) * (result.dim() - 2)
-    if _drops(dropout):
+    if drop_probability(dropout) > 0:
         base_wx = base._conv_forward(dropped.to(base.weight.dtype), base.weight, None)
     else:
         base_wx = result if base.bias is None else result - base.bias.view(view)

@@ -277,6 +277,37 @@ class Linear(LoraLayer):
             adapter_name
         ]
 
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """As `LoraLayer.forward`; a plain base layer and its first adapter run as one fused node."""
+        names = self._active_here()
+        if args or kwargs or not names or self.sample_adapters is not None or not self._plain_base():
+            return super().forward(x, *args, **kwargs)
+        if self._use_base_only():
+            return self.base_layer(x)
+        first = names[0]
+        a, b = self.lora_A[first].weight, self.lora_B[first]
+        result = kernels.linear_with_adapter(
+            x,
+            self._base_rows(),
+            self.base_layer.bias,
+            a,
+            b.weight,
+            b.bias,
+            self._dora_factor(first) if self.use_dora[first] else None,
+            self.scaling[first],
+            self.lora_dropout[first],
+        )
+        for name in names[1:]:
+            result = self._add_adapter(name, result, x)
+        return result
+
+    def _plain_base(self) -> bool:
+        """True when the base layer is an unhooked nn.Linear or Conv1D, whose forward is exactly
+        `x W^T + b`, so the kernel may compute it itself (hooks must still see their call)."""
+        base = self.base_layer
+        plain = type(base) is nn.Linear or is_gpt2_conv1d(base)
+        return plain and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks)
+
     def _add_adapter(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name]
         if self.use_dora[name]:

@@ -1,0 +1,184 @@
+"""The fused LoRA / DoRA linear path: one autograd node per adapted linear layer and adapter.
+
+`LoraLinearFunction` computes, for 2-D x (N, in):
+
+    base = x W^T + b                      (W given: the base matmul is done here, in place)
+         = result                         (W None: the base output was computed by the caller)
+    lora = s * (B A drop(x) + b_B)
+    out  = base + lora                    (LoRA)
+    out  = f * (base - b + lora) + b      (DoRA, f = m / ||W + s B A|| per output column)
+
+The scale multiplies the rank-r tensor, the LoRA add is the output matmul's `addmm` (in place on
+the base output when the base matmul is ours), and backward keeps only: x (shared by every
+adapter and layer reading the same x), the rank-r hidden `s A drop(x)`, a one-byte keep-mask with
+dropout (the dropped input is rebuilt in backward), and for DoRA the output itself (the direction
+is `out / f`) or, with a base bias, the direction. The base input gradient and the LoRA one are
+summed in place (`addmm_`), not by a separate add.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def drop_probability(dropout: nn.Module) -> float:
+    """The probability `dropout` zeroes an element now: 0 for Identity or in eval mode."""
+    if not dropout.training or isinstance(dropout, nn.Identity):
+        return 0.0
+    return float(getattr(dropout, "p", 0.0))
+
+
+def fusable(x: torch.Tensor, out_dtype: torch.dtype, weight_a: torch.Tensor) -> bool:
+    """Whether the fused path takes these dtypes: all equal, or on CUDA a half-precision base with a
+    float32 adapter, computed in the base dtype (the small factors are cast, outputs stay close)."""
+    if out_dtype == x.dtype == weight_a.dtype:
+        return True
+    return x.is_cuda and out_dtype == x.dtype and x.dtype in (torch.float16, torch.bfloat16)
+
+
+def fused_linear(
+    result: torch.Tensor | None,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    bias_b: torch.Tensor | None,
+    factor: torch.Tensor | None,
+    scaling: float,
+    p: float,
+) -> torch.Tensor:
+    """Run `LoraLinearFunction` on (..., features) tensors (see the module docstring).
+
+    Args:
+        result: base output (..., out), or None to compute it here from `weight`.
+        x: (..., in). weight: base weight (out, in) (a transposed view for fan_in_fan_out) or None.
+        bias: base bias (out,) or None. weight_a: (r, in). weight_b: (out, r). bias_b: (out,) or None.
+        factor: DoRA's (out,) `m / ||W + s B A||` (norm detached), or None for LoRA.
+        p: dropout probability on the adapter input (0: none).
+    """
+    lead = x.shape[:-1]
+    flat_result = None if result is None else result.reshape(-1, result.shape[-1])
+    args = (
+        flat_result,
+        x.reshape(-1, x.shape[-1]),
+        weight,
+        bias,
+        weight_a,
+        weight_b,
+        bias_b,
+        factor,
+        scaling,
+        p,
+    )
+    if torch.is_grad_enabled():
+        out = LoraLinearFunction.apply(*args)
+    else:  # inference: the same arithmetic without an autograd node
+        out = _forward(*args)[0]
+    return out.view(*lead, out.shape[-1])
+
+
+def _forward(result, x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p):
+    compute = x.dtype
+    a, b = weight_a.to(compute), weight_b.to(compute)
+    dropped, keep = _dropout_with_mask(x, p) if p > 0 else (x, None)
+    hidden = torch.mm(dropped, a.t()).mul_(scaling)
+    dora = factor is not None
+    if weight is None:
+        out = torch.addmm(result, hidden, b.t())
+    else:
+        use_bias = bias is not None and not dora  # DoRA adds the bias after the factor
+        out = torch.addmm(bias, x, weight.t()) if use_bias else torch.mm(x, weight.t())
+        out.addmm_(hidden, b.t())
+    if bias_b is not None:
+        out.add_(bias_b.to(compute), alpha=scaling)
+    direction = recover = None
+    if dora:
+        f = factor.to(compute)
+        direction = out.sub_(bias) if (weight is None and bias is not None) else out
+        out = direction * f if bias is None else torch.addcmul(bias, direction, f)
+        # without a base bias the direction is out / f (to rounding) unless some f is 0
+        recover = bias is None and not torch.compiler.is_compiling() and not bool((f == 0).any())
+    return out, keep, a, b, hidden, direction, recover
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """See the module docstring. Shapes: result (N, out) or None, x (N, in), weight (out, in) or
+    None, bias / bias_b / factor (out,) or None, weight_a (r, in), weight_b (out, r). The dropout
+    mask is drawn as `torch.nn.functional.dropout` draws it, so a fixed seed drops the same
+    elements as PEFT's `nn.Dropout`."""
+
+    @staticmethod
+    def forward(ctx, result, x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p):
+        out, keep, a, b, hidden, direction, recover = _forward(
+            result, x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p
+        )
+        ctx.scaling, ctx.p, ctx.recover = scaling, p, recover
+        ctx.has = (result is not None, bias is not None, bias_b is not None)
+        ctx.dtypes = (weight_a.dtype, weight_b.dtype)
+        saved_direction = out if recover else direction
+        ctx.save_for_backward(x, weight, keep, a, b, hidden, factor, saved_direction)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, keep, a, b, hidden, factor, direction = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        has_result, has_bias, has_bias_b = ctx.has
+        grad = grad_out
+        grad_factor = grad_bias = None
+        if factor is not None:
+            f = factor.to(grad.dtype)
+            if need[7]:
+                moment = (grad * direction).sum(0)  # direction is the output itself when recovered
+                grad_factor = (moment / f if ctx.recover else moment).to(factor.dtype)
+            if need[3] and has_bias:  # with a given result, the bias also reaches it through `result`
+                grad_bias = grad.sum(0) * (1 - f) if has_result else grad.sum(0)
+            grad = grad * f
+        elif need[3] and has_bias and not has_result:
+            grad_bias = grad.sum(0)
+        grad_weight = grad.t().mm(x) if need[2] else None
+        grad_b = grad.t().mm(hidden).to(ctx.dtypes[1]) if need[5] else None
+        grad_bias_b = (grad.sum(0) * ctx.scaling).to(ctx.dtypes[1]) if need[6] and has_bias_b else None
+        grad_hidden = grad.mm(b).mul_(ctx.scaling) if (need[1] or need[4]) else None
+        scale = 1.0 / (1.0 - ctx.p)
+        grad_a = grad_x = None
+        if need[4]:
+            dropped = x if keep is None else x * keep * scale
+            grad_a = grad_hidden.t().mm(dropped).to(ctx.dtypes[0])
+        if need[1]:
+            grad_x = _input_grad(grad, weight, grad_hidden, a, keep, scale)
+        grad_result = grad if has_result else None
+        return (
+            grad_result,
+            grad_x,
+            grad_weight,
+            grad_bias,
+            grad_a,
+            grad_b,
+            grad_bias_b,
+            grad_factor,
+            None,
+            None,
+        )
+
+
+def _input_grad(grad, weight, grad_hidden, a, keep, scale):
+    """`grad W + drop'(grad_hidden A)`, summed in place into one new tensor."""
+    if keep is not None:
+        lora = grad_hidden.mm(a).mul_(keep)
+        if weight is None:
+            return lora.mul_(scale)
+        return grad.mm(weight).add_(lora, alpha=scale)
+    if weight is None:
+        return grad_hidden.mm(a)
+    return grad.mm(weight).addmm_(grad_hidden, a)
+
+
+def _dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(dropout(x), keep)` with a bool keep-mask; the same draw as `F.dropout(x, p)`."""
+    if x.is_cuda:
+        return torch.native_dropout(x, p, True)
+    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+    return x * keep * (1.0 / (1.0 - p)), keep
