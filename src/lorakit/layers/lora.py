@@ -306,7 +306,8 @@ class Linear(LoraLayer):
         `x W^T + b`, so the kernel may compute it itself (hooks must still see their call)."""
         base = self.base_layer
         plain = type(base) is nn.Linear or is_gpt2_conv1d(base)
-        return plain and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks)
+        hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
+        return plain and not any(hooks)
 
     def _add_adapter(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name]
