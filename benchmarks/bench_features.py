@@ -6,7 +6,8 @@ Sections (`--only` picks some):
 
 - `core`: training step against the floor, saved-for-backward MiB, unmerged eval forward against
   the bare model (bench_core's rows; here also on GPU);
-- `dropout`: the step with lora_dropout=0.1 against the dropout-0 step, per library; saved MiB;
+- `dropout`: the step with lora_dropout=0.1 against the dropout-0 step, per library, and lorakit's
+  with `kernels.share_dropout_masks(True)` (one mask per input; off by default); saved MiB;
 - `dora`: the DoRA step against the LoRA step, per library; saved MiB of each;
 - `mixed`: an eval forward of a batch of 8 whose samples use 4 adapters (2 each, interleaved)
   against the same batch on one adapter, per library; lorakit's mixed training step too;
@@ -49,6 +50,7 @@ from bench_core import (
 )
 
 import lorakit
+from lorakit import kernels
 
 LIBS = {"lk": lorakit, "pf": peft}
 SECTIONS = ("core", "dropout", "dora", "mixed", "init")
@@ -161,21 +163,36 @@ def paired(samples: dict[str, list[float]], pairs: list[tuple[str, str]]) -> dic
     return {f"{a}/{b}": ratios(samples[a], samples[b]) for a, b in pairs}
 
 
-def variant_pair(base, setup, ids, args, plain: dict, variant: dict) -> dict:
-    """Train steps and saved MiB of a variant against the plain LoRA step, for both libraries."""
+def variant_pair(base, setup, ids, args, plain: dict, variant: dict, shared_masks: bool = False) -> dict:
+    """Train steps and saved MiB of a variant against the plain LoRA step, for both libraries;
+    with `shared_masks`, also lorakit's variant under `kernels.share_dropout_masks` (side `lks`)."""
     models = {}
     for key, lib in LIBS.items():
         models[f"{key}0"] = wrap(lib, base, setup, **plain).train()
         models[f"{key}1"] = wrap(lib, base, setup, **variant).train()
     memory = {k: mib(m, loss_of(m, ids)) for k, m in models.items()}
-    train = timed({k: train_step(m, ids) for k, m in models.items()}, args)
-    return {
-        "train": {
-            **medians(train),
-            **paired(train, [("lk1", "lk0"), ("pf1", "pf0"), ("lk1", "pf1"), ("lk0", "pf0")]),
-        },
-        "saved_mib": memory,
-    }
+    steps = {k: train_step(m, ids) for k, m in models.items()}
+    pairs = [("lk1", "lk0"), ("pf1", "pf0"), ("lk1", "pf1"), ("lk0", "pf0")]
+    if shared_masks:
+        models["lks"] = wrap(lorakit, base, setup, **variant).train()
+        steps["lks"] = with_shared_masks(train_step(models["lks"], ids))
+        memory["lks"] = mib(models["lks"], with_shared_masks(loss_of(models["lks"], ids)))
+        pairs += [("lks", "lk0"), ("lks", "pf1")]
+    train = timed(steps, args)
+    return {"train": {**medians(train), **paired(train, pairs)}, "saved_mib": memory}
+
+
+def with_shared_masks(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` run with lorakit's one-mask-per-input dropout option on."""
+
+    def call() -> object:
+        kernels.share_dropout_masks(True)
+        try:
+            return fn()
+        finally:
+            kernels.share_dropout_masks(False)
+
+    return call
 
 
 def mixed(base, setup, args) -> dict:
@@ -262,7 +279,9 @@ def run(args) -> dict:
         if section == "core":
             results[section] = core(base, setup, ids, args)
         elif section == "dropout":
-            results[section] = variant_pair(base, setup, ids, args, {}, {"lora_dropout": 0.1})
+            results[section] = variant_pair(
+                base, setup, ids, args, {}, {"lora_dropout": 0.1}, shared_masks=True
+            )
         elif section == "dora":
             results[section] = variant_pair(base, setup, ids, args, {}, {"use_dora": True})
         elif section == "mixed":

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit import LoraConfig
+from lorakit import LoraConfig, kernels
 from lorakit.layers.base import AdapterLayer
 from lorakit.layers.dora import row_norm
 from lorakit.layers.lora import create_lora_layer
@@ -209,3 +209,64 @@ def test_inference_without_grad_matches_the_training_path():
         fast = layer(x)
     torch.testing.assert_close(fast, layer(x).detach())
     torch.testing.assert_close(fast, reference(layer, x, 0), rtol=1e-5, atol=1e-6)
+
+
+class SameInputTwice(nn.Module):
+    """Two adapted linears reading the same tensor, like q_proj and k_proj."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = adapted_linear({"a": {"lora_dropout": 0.5}})
+        self.k = adapted_linear({"a": {"lora_dropout": 0.5}})
+
+    def forward(self, x):
+        return self.q(x), self.k(x)
+
+
+@pytest.fixture
+def sharing():
+    kernels.share_dropout_masks(True)
+    yield
+    kernels.share_dropout_masks(False)
+
+
+def plain_with_mask(layer, x, mask):
+    a, b, s = layer.lora_A["a"].weight, layer.lora_B["a"].weight, layer.scaling["a"]
+    base = layer.base_layer
+    return F.linear(x, base.weight, base.bias) + s * F.linear(F.linear(x * mask, a), b)
+
+
+def test_shared_dropout_masks_give_layers_reading_one_input_one_mask(sharing):
+    model = SameInputTwice().train()
+    x = torch.randn(6, 7, requires_grad=True)
+    torch.manual_seed(9)
+    q, k = model(x)
+    torch.manual_seed(9)
+    mask = F.dropout(torch.ones(6, 7), 0.5, True)  # the single draw both layers use
+    expected = plain_with_mask(model.q, x, mask), plain_with_mask(model.k, x, mask)
+    torch.testing.assert_close(q, expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(k, expected[1], rtol=1e-5, atol=1e-6)
+    params = [x, model.q.lora_A["a"].weight, model.k.lora_A["a"].weight]
+    got = torch.autograd.grad((q.square().sum() + k.sum()), params)
+    want = torch.autograd.grad(expected[0].square().sum() + expected[1].sum(), params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_dropout_masks_draw_anew_for_a_new_input(sharing):
+    model = SameInputTwice().train()
+    torch.manual_seed(0)
+    first = model.q(torch.ones(50, 7))
+    second = model.q(torch.ones(50, 7))  # equal values, another tensor: another mask
+    assert not torch.equal(first, second)
+
+
+def test_dropout_masks_are_independent_per_layer_by_default():
+    model = SameInputTwice().train()
+    x = torch.ones(50, 7)
+    torch.manual_seed(0)
+    q, k = model(x)
+    torch.manual_seed(0)
+    mask = F.dropout(torch.ones(50, 7), 0.5, True)
+    torch.testing.assert_close(q, plain_with_mask(model.q, x, mask), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(k, plain_with_mask(model.k, x, mask))  # k drew its own mask

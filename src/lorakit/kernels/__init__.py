@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import LoraLinearFunction, drop_probability, fusable, fused_linear
+from .linear import LoraLinearFunction, drop_probability, fusable, fused_linear, share_dropout_masks
 
 __all__ = [
     "LoraLinearFunction",
@@ -23,6 +23,7 @@ __all__ = [
     "add_lora_embedding",
     "add_lora_linear",
     "linear_with_adapter",
+    "share_dropout_masks",
 ]
 
 
