@@ -156,3 +156,28 @@ def test_every_layer_type_runs_mixed_batches_with_lora_and_dora(base, x):
             layer.set_adapter(name)
             expected = layer(x[i : i + 1])
         torch.testing.assert_close(mixed[i : i + 1], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_modules_to_save_copies_run_per_sample_too():
+    torch.manual_seed(0)
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)),
+        LoraConfig(target_modules=["0"], modules_to_save=["2"], init_lora_weights=False),
+        adapter_name="a",
+    )
+    model.add_adapter("b", LoraConfig(target_modules=["0"], modules_to_save=["2"], init_lora_weights=False))
+    with torch.no_grad():
+        for copy in model.base_model.model[2].modules_to_save.values():
+            copy.weight.normal_()
+    x = torch.randn(3, 4)
+    names = ["b", "a", "__base__"]
+    mixed = model(x, adapter_names=names)
+    expected = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                expected.append(model(x[i : i + 1]))
+        else:
+            model.set_adapter(name)
+            expected.append(model(x[i : i + 1]))
+    torch.testing.assert_close(mixed, torch.cat(expected))

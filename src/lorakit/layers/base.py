@@ -256,13 +256,19 @@ class ModulesToSaveWrapper(nn.Module):
                     return self.modules_to_save[name]
         return self.original_module
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         if self.sample_adapters is None or self._disable_adapters:
-            return self.current_module()(x, *args, **kwargs)
+            return self.current_module()(*args, **kwargs)
+        if not args:
+            raise ValueError(
+                f"A mixed batch (adapter_names=) splits the first positional input of this "
+                f"{type(self.original_module).__name__}, but it was called with keyword arguments only."
+            )
+        x, rest = args[0], args[1:]
 
         def run(name: str, index: slice | torch.Tensor) -> torch.Tensor:
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            return module(x[index], *args, **kwargs)
+            return module(x[index], *rest, **kwargs)
 
         return per_sample(self.sample_adapters, x, run, type(self.original_module).__name__)
 
