@@ -89,12 +89,12 @@ def fused_linear(
 def _forward(result, x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p, shared_keep):
     compute = x.dtype
     a, b = weight_a.to(compute), weight_b.to(compute)
-    if shared_keep is not None:
-        keep = shared_keep
-        dropped = x * keep * (1.0 / (1.0 - p))
+    keep = None
+    if p > 0:  # drop(x) = (x * keep) / (1 - p): the 1 / (1 - p) goes onto the rank-r tensor
+        keep = shared_keep if shared_keep is not None else _keep_mask(x, p)
+        hidden = torch.mm(x * keep, a.t()).mul_(scaling / (1.0 - p))
     else:
-        dropped, keep = _dropout_with_mask(x, p) if p > 0 else (x, None)
-    hidden = torch.mm(dropped, a.t()).mul_(scaling)
+        hidden = torch.mm(x, a.t()).mul_(scaling)
     dora = factor is not None
     if weight is None:
         out = torch.addmm(result, hidden, b.t())
@@ -153,14 +153,13 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_weight = grad.t().mm(x) if need[2] else None
         grad_b = grad.t().mm(hidden).to(ctx.dtypes[1]) if need[5] else None
         grad_bias_b = (grad.sum(0) * ctx.scaling).to(ctx.dtypes[1]) if need[6] and has_bias_b else None
-        grad_hidden = grad.mm(b).mul_(ctx.scaling) if (need[1] or need[4]) else None
-        scale = 1.0 / (1.0 - ctx.p)
+        # the gradient of `x * keep` (masked input) A^T, dropout's 1 / (1 - p) included
+        grad_hidden = grad.mm(b).mul_(ctx.scaling / (1.0 - ctx.p)) if (need[1] or need[4]) else None
         grad_a = grad_x = None
         if need[4]:
-            dropped = x if keep is None else x * keep * scale
-            grad_a = grad_hidden.t().mm(dropped).to(ctx.dtypes[0])
+            grad_a = grad_hidden.t().mm(x if keep is None else x * keep).to(ctx.dtypes[0])
         if need[1]:
-            grad_x = _input_grad(grad, weight, grad_hidden, a, keep, scale)
+            grad_x = _input_grad(grad, weight, grad_hidden, a, keep)
         grad_result = grad if has_result else None
         return (
             grad_result,
@@ -177,13 +176,11 @@ class LoraLinearFunction(torch.autograd.Function):
         )
 
 
-def _input_grad(grad, weight, grad_hidden, a, keep, scale):
-    """`grad W + drop'(grad_hidden A)`, summed in place into one new tensor."""
+def _input_grad(grad, weight, grad_hidden, a, keep):
+    """`grad W + keep * (grad_hidden A)`, summed in place into one new tensor."""
     if keep is not None:
-        lora = grad_hidden.mm(a).mul_(keep)
-        if weight is None:
-            return lora.mul_(scale)
-        return grad.mm(weight).add_(lora, alpha=scale)
+        lora = grad_hidden.mm(a)
+        return lora.mul_(keep) if weight is None else grad.mm(weight).addcmul_(lora, keep)
     if weight is None:
         return grad_hidden.mm(a)
     return grad.mm(weight).addmm_(grad_hidden, a)
@@ -195,14 +192,13 @@ def _keep_for(x: torch.Tensor, p: float) -> torch.Tensor:
     state = _shared_mask
     last = state["input"]() if state["input"] is not None else None
     if last is not x or state["version"] != x._version or state["p"] != p:
-        keep = _dropout_with_mask(x.reshape(-1, x.shape[-1]), p)[1]
+        keep = _keep_mask(x.reshape(-1, x.shape[-1]), p)
         state.update(input=weakref.ref(x), version=x._version, p=p, keep=keep)
     return state["keep"]
 
 
-def _dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(dropout(x), keep)` with a bool keep-mask; the same draw as `F.dropout(x, p)`."""
+def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The bool mask of the elements dropout keeps: the same draw as `F.dropout(x, p)`."""
     if x.is_cuda:
-        return torch.native_dropout(x, p, True)
-    keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
-    return x * keep * (1.0 / (1.0 - p)), keep
+        return torch.native_dropout(x, p, True)[1]
+    return torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
