@@ -296,18 +296,10 @@ def per_sample(
         ValueError: `len(names)` is not the batch size.
     """
     batch = x.shape[0]
-    if len(names) != batch:
-        raise ValueError(
-            f"adapter_names has {len(names)} entries but {where!r} got a batch of {batch} samples; "
-            "pass exactly one adapter name per sample."
-        )
-    positions: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        positions.setdefault(name, []).append(i)
+    positions = group_positions(names, batch, where)
     if len(positions) == 1:
         return run(names[0], slice(None))
-    contiguous = all(p[-1] - p[0] + 1 == len(p) for p in positions.values())
-    if contiguous:  # blocks of samples per adapter: slices are views, no gather needed
+    if is_contiguous(positions):  # blocks of samples per adapter: slices are views, no gather needed
         groups = sorted(positions.items(), key=lambda item: item[1][0])
         return torch.cat([run(name, slice(p[0], p[-1] + 1)) for name, p in groups])
     pieces, order = [], []
@@ -319,6 +311,28 @@ def per_sample(
     inverse[torch.tensor(order)] = torch.arange(batch)
     out = torch.cat(pieces)
     return out.index_select(0, inverse.to(out.device))
+
+
+def group_positions(names: list[str], batch: int, where: str) -> dict[str, list[int]]:
+    """Sample positions per adapter name, in order of first appearance.
+
+    Raises:
+        ValueError: `len(names) != batch` (`where` names the layer in the message).
+    """
+    if len(names) != batch:
+        raise ValueError(
+            f"adapter_names has {len(names)} entries but {where!r} got a batch of {batch} samples; "
+            "pass exactly one adapter name per sample."
+        )
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        positions.setdefault(name, []).append(i)
+    return positions
+
+
+def is_contiguous(positions: dict[str, list[int]]) -> bool:
+    """Whether every adapter's samples form one contiguous block."""
+    return all(p[-1] - p[0] + 1 == len(p) for p in positions.values())
 
 
 def _tensors(holder) -> list[torch.Tensor]:

@@ -17,7 +17,7 @@ from torch import nn
 from .. import kernels
 from ..config import LoraConfig
 from ..targeting import TargetPlan
-from .base import AdapterLayer, per_sample
+from .base import AdapterLayer, group_positions, is_contiguous, per_sample
 from .dora import MagnitudeVector, dora_factor, row_norm
 
 
@@ -240,13 +240,24 @@ class LoraLayer(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self._disable_adapters:
             return result
+        where = self.module_name or type(self.base_layer).__name__
+        positions = group_positions(names, x.shape[0], where)
+        if len(positions) > 1 and not is_contiguous(positions):
+            # interleaved samples: gather each adapter's rows, write its output rows back in place
+            # (gathered copies, so no tensor an autograd node keeps is overwritten)
+            for name, rows in positions.items():
+                if name in self.r:  # else "__base__", or an adapter that does not target this module
+                    index = torch.tensor(rows, device=x.device)
+                    piece = self._add_adapter(name, result.index_select(0, index), x.index_select(0, index))
+                    result = result.index_copy_(0, index, piece)
+            return result
 
-        def run(name: str, index: slice | torch.Tensor) -> torch.Tensor:
-            if name not in self.r:  # "__base__", or an adapter that does not target this module
+        def run(name: str, index: slice) -> torch.Tensor:
+            if name not in self.r:
                 return result[index]
             return self._add_adapter(name, result[index], x[index])
 
-        return per_sample(names, x, run, self.module_name or type(self.base_layer).__name__)
+        return per_sample(names, x, run, where)
 
 
 class Linear(LoraLayer):
