@@ -181,3 +181,16 @@ def test_modules_to_save_copies_run_per_sample_too():
             model.set_adapter(name)
             expected.append(model(x[i : i + 1]))
     torch.testing.assert_close(mixed, torch.cat(expected))
+
+
+def test_adapter_layers_without_mixed_batch_support_are_refused():
+    from lorakit.layers.base import AdapterLayer
+
+    class Plain(AdapterLayer):
+        def forward(self, x):
+            return self.base_layer(x)
+
+    model = mixed_model().eval()
+    model.base_model.model.lm_head = Plain(model.base_model.model.lm_head)
+    with pytest.raises(ValueError, match="not supported by Plain"):
+        model(input_ids=ids(2), adapter_names=["a", "b"])

@@ -73,7 +73,8 @@ class LoraModel(nn.Module):
         parameters require grad (`set_adapter` on all the names makes them trainable).
 
         Raises:
-            ValueError: an unknown name, or adapters merged into the base weights.
+            ValueError: an unknown name, adapters merged into the base weights, or adapter layers
+                that cannot run a mixed batch.
         """
         if adapter_names is None:
             yield
@@ -86,6 +87,13 @@ class LoraModel(nn.Module):
                 f"(use {BASE_ADAPTER_NAME!r} for the base model)."
             )
         layers = list(self._adapter_modules())
+        unsupported = [m for m in layers if not m.supports_mixed_batches]
+        if unsupported:
+            raise ValueError(
+                f"adapter_names= (a mixed batch) is not supported by {type(unsupported[0]).__name__} layers "
+                f"(e.g. {getattr(unsupported[0], 'module_name', '') or 'one of this model'}); run one adapter "
+                "per batch with set_adapter() instead."
+            )
         merged = [m.module_name for m in layers if isinstance(m, AdapterLayer) and m.merged]
         if merged:
             raise ValueError(

@@ -27,6 +27,7 @@ class AdapterLayer(nn.Module):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    supports_mixed_batches = False  # True where forward honours `sample_adapters`
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -208,6 +209,8 @@ class ModulesToSaveWrapper(nn.Module):
 
     `original_module` runs when adapters are disabled or the active adapter has no copy.
     """
+
+    supports_mixed_batches = True
 
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()

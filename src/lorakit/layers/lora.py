@@ -34,6 +34,8 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 class LoraLayer(AdapterLayer):
     """Per-adapter state common to every LoRA layer: rank, alpha, scaling and dropout by name."""
 
+    supports_mixed_batches = True
+
     adapter_layer_names = (
         "lora_A",
         "lora_B",
