@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             from .training.recipe import parse_overrides
             from .training.run import train
 
-            train(args.recipe, overrides=parse_overrides(rest), resume=args.resume)
+            recipe = rest.pop(0) if rest and not rest[0].startswith("-") else None
+            train(recipe, overrides=parse_overrides(rest), resume=args.resume)
         elif args.command == "merge":
             out = merge(args.adapter, args.out, safe_merge=args.safe_merge)
             print(f"lorakit: merged model written to {out}")
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, path in sorted(shipped_recipes().items()):
                 print(f"{name:12s} {path}")
-    except (RecipeError, FileNotFoundError, NotImplementedError, ValueError) as err:
+    except (RecipeError, FileNotFoundError, FileExistsError, NotImplementedError, ValueError) as err:
         print(f"lorakit: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -61,10 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="fine-tune from a recipe",
-        description="Fine-tune from a recipe. Any recipe key can be overridden with --key value.",
-    )
-    train.add_argument(
-        "recipe", nargs="?", default=None, help="YAML file or shipped recipe name (default: quickstart)"
+        usage="lorakit train [RECIPE] [--resume] [--key value ...]",
+        description="Fine-tune from RECIPE (a YAML file or a shipped recipe's name; default: the "
+        "quickstart). Any recipe key can be overridden with --key value.",
     )
     train.add_argument(
         "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
@@ -112,7 +112,7 @@ def merge(adapter: str | os.PathLike, out: str | os.PathLike, safe_merge: bool =
 
 def _base_for(adapter: Path):
     from .config import PeftConfig
-    from .training.run import RECIPE_FILE
+    from .training.run import BASE_MODEL_FOLDER, RECIPE_FILE
 
     config = PeftConfig.from_pretrained(adapter)
     if (adapter / RECIPE_FILE).is_file():
@@ -125,8 +125,9 @@ def _base_for(adapter: Path):
         labels = saved.pop("labels", None)
         recipe = load_recipe({**saved, "output_dir": str(adapter)})
         tokenizer = load_tokenizer(recipe)
-        if recipe.keys.model_config is not None:
-            recipe.keys.model_config, recipe.keys.model_name_or_path = None, config.base_model_name_or_path
+        if recipe.keys.model_config is not None:  # the base that training saved beside the adapter
+            base_path = config.base_model_name_or_path or str(adapter / BASE_MODEL_FOLDER)
+            recipe.keys.model_config, recipe.keys.model_name_or_path = None, base_path
         return build_model(recipe, tokenizer, labels), tokenizer
     return _base_from_config(adapter, config)
 
@@ -212,8 +213,12 @@ def info(adapter: str | os.PathLike) -> str:
         )
     )
     subfolders = sorted(p.name for p in folder.iterdir() if (p / "adapter_config.json").is_file())
-    if subfolders:
-        lines.append(f"  more adapters in subfolders: {', '.join(subfolders)}")
+    checkpoints = [name for name in subfolders if name.startswith("checkpoint-")]
+    others = [name for name in subfolders if name not in checkpoints]
+    if others:
+        lines.append(f"  more adapters in subfolders: {', '.join(others)}")
+    if checkpoints:
+        lines.append(f"  training checkpoints: {', '.join(checkpoints)}")
     return "\n".join(lines)
 
 

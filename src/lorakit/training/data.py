@@ -127,7 +127,9 @@ def classification_examples(
 def sft_examples(rows: list[dict[str, Any]], tokenizer, keys: RecipeKeys) -> list[dict[str, Any]]:
     """Prompt/completion pairs or chat `messages`, with the loss on the completion only."""
     if "messages_column" in required_columns(keys, rows):
-        return _drop_empty([_chat_example(row[keys.messages_column], tokenizer, keys.max_length) for row in rows])
+        return _drop_empty(
+            [_chat_example(row[keys.messages_column], tokenizer, keys.max_length) for row in rows]
+        )
     examples = []
     for row in rows:
         prompt = _prefix(tokenizer) + _ids(tokenizer, row[keys.prompt_column])
@@ -146,7 +148,9 @@ def dpo_examples(rows: list[dict[str, Any]], tokenizer, keys: RecipeKeys) -> lis
     for row in rows:
         for column in (keys.prompt_column, keys.chosen_column, keys.rejected_column):
             if not isinstance(row[column], str):
-                raise RecipeError(f"DPO column {column!r} must hold strings, got {type(row[column]).__name__}.")
+                raise RecipeError(
+                    f"DPO column {column!r} must hold strings, got {type(row[column]).__name__}."
+                )
         prompt = _prefix(tokenizer) + _ids(tokenizer, row[keys.prompt_column])
         if keys.max_prompt_length is not None:
             prompt = prompt[-keys.max_prompt_length :]
@@ -217,7 +221,11 @@ class DpoCollator:
                 sequences.append(f["prompt_ids"] + f[answer])
                 labels.append([IGNORE_INDEX] * len(f["prompt_ids"]) + f[answer])
         input_ids, attention_mask = pad(sequences, self.pad_id)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": pad(labels, IGNORE_INDEX)[0]}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": pad(labels, IGNORE_INDEX)[0],
+        }
 
 
 def pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:

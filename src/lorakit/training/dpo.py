@@ -53,14 +53,18 @@ def dpo_loss(
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 
-def pair_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of the chosen and rejected answers of a `DpoCollator` batch (B each)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logprobs = sequence_logprobs(logits, batch["labels"])
     return logprobs.chunk(2)
 
 
-def reference_logprobs(peft_model: PeftModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logprobs(
+    peft_model: PeftModel, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`pair_logprobs` of the reference: the base model, i.e. the same model with adapters disabled."""
     with torch.no_grad(), peft_model.disable_adapter():
         return pair_logprobs(peft_model, batch)
@@ -84,7 +88,9 @@ class DpoTrainer(LoraPlusTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         policy_chosen, policy_rejected = pair_logprobs(model, inputs)
-        reference_chosen, reference_rejected = reference_logprobs(self.accelerator.unwrap_model(model), inputs)
+        reference_chosen, reference_rejected = reference_logprobs(
+            self.accelerator.unwrap_model(model), inputs
+        )
         losses, chosen, rejected = dpo_loss(
             policy_chosen, policy_rejected, reference_chosen, reference_rejected, self.beta
         )

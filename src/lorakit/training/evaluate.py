@@ -47,7 +47,9 @@ def evaluate(
     return {"reward_margin": a / n, "reward_accuracy": b / n}
 
 
-def _accumulate(model, task: str, batch: dict[str, torch.Tensor], totals: dict[str, float], beta: float) -> None:
+def _accumulate(
+    model, task: str, batch: dict[str, torch.Tensor], totals: dict[str, float], beta: float
+) -> None:
     if task == "classification":
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         totals["a"] += (logits.argmax(-1) == batch["labels"]).sum().item()

@@ -79,7 +79,15 @@ TRAINING_KEYS = {
     f.name for f in dataclasses.fields(LoraPlusTrainingArguments) if f.init and not f.name.startswith("_")
 } - {"loraplus_lr_ratio", "loraplus_lr_embedding"}
 # Older names still found in published recipes, mapped to the current TrainingArguments field.
-ALIASES = {"evaluation_strategy": "eval_strategy", "max_seq_length": "max_length"}
+ALIASES = {
+    old: new
+    for old, new in {
+        "evaluation_strategy": "eval_strategy",
+        "max_seq_length": "max_length",
+        "warmup_ratio": "warmup_steps",  # transformers 5: a float in [0, 1) is a ratio
+    }.items()
+    if old not in TRAINING_KEYS
+}
 # Keys of alignment-handbook recipes that lorakit does not read, and what to write instead.
 NOT_SUPPORTED = {
     "dataset_mixer": "point train_file/eval_file at local JSONL/JSON/CSV files, or pass a datasets.Dataset "
@@ -95,8 +103,12 @@ DEFAULT_TRAINING = {
     "logging_steps": 10,
     "save_strategy": "no",
     "remove_unused_columns": False,
-    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "ddp_find_unused_parameters": False,  # every trainable (adapter) parameter takes part in the forward
 }
+# Non-reentrant checkpointing: frozen inputs need no requires_grad hack. transformers 5 renamed the key.
+_CHECKPOINTING_KWARGS = next(
+    k for k in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs") if k in TRAINING_KEYS
+)
 
 
 class RecipeError(ValueError):
@@ -185,6 +197,8 @@ def load_recipe(
     training = {k: v for k, v in DEFAULT_TRAINING.items() if v is not None}
     training["output_dir"] = str(Path("runs") / name)
     training.update({k: _coerce(k, v, _TRAINING_HINTS[k]) for k, v in raw.items() if k in TRAINING_KEYS})
+    if not {"activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"} & set(training):
+        training[_CHECKPOINTING_KWARGS] = {"use_reentrant": False}
     recipe_obj = Recipe(keys=keys, training=training, name=name, base_dir=base_dir)
     _check_values(recipe_obj)
     return recipe_obj
@@ -227,7 +241,10 @@ def _check_names(raw: dict[str, Any]) -> None:
         if key in NOT_SUPPORTED:
             problems.append(f"{key!r} is not supported: {NOT_SUPPORTED[key]}")
             continue
-        close = difflib.get_close_matches(key, sorted(RECIPE_KEYS | TRAINING_KEYS), n=1)
+        # lorakit's own keys first: `lora_rank` should suggest `lora_r`, not `local_rank`
+        close = difflib.get_close_matches(key, sorted(RECIPE_KEYS), n=1) or difflib.get_close_matches(
+            key, sorted(TRAINING_KEYS), n=1
+        )
         hint = f"; did you mean {close[0]!r}?" if close else ""
         problems.append(f"unknown key {key!r}{hint}")
     if problems:
@@ -242,7 +259,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if value is None:
         return None
     allowed = _allowed_types(hint)
-    if not allowed or isinstance(value, tuple(allowed)) and not (isinstance(value, bool) and bool not in allowed):
+    if float in allowed:
+        allowed.add(int)  # an integer is a fine float (and stays one: warmup_steps reads 10 as steps)
+    if (
+        not allowed
+        or isinstance(value, tuple(allowed))
+        and not (isinstance(value, bool) and bool not in allowed)
+    ):
         return value
     for kind in (bool, int, float, str):
         if kind not in allowed:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +40,9 @@ from .recipe import Recipe, RecipeError, load_recipe
 from .trainer import LoraPlusTrainer, LoraPlusTrainingArguments
 
 RECIPE_FILE = "lorakit_recipe.yaml"  # the resolved recipe, saved beside the adapter (read by `lorakit merge`)
-BASE_MODEL_FOLDER = "base_model"  # where a model built from `model_config` is saved, so the adapter has a base
+BASE_MODEL_FOLDER = (
+    "base_model"  # where a model built from `model_config` is saved, so the adapter has a base
+)
 
 
 @dataclass
@@ -90,6 +94,7 @@ def train(
     args = _training_arguments(recipe)
     checkpoint = _checkpoint_to_resume(args, resume)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     set_seed(args.seed)
 
     tokenizer = load_tokenizer(recipe)
@@ -115,12 +120,18 @@ def train(
         or (1e-6 if keys.loraplus_lr_ratio else args.learning_rate),
         **extra,
     )
+    if keys.task == "classification":
+        # transformers infers "the loss sums over num_items_in_batch" from the forward's **kwargs; a
+        # classifier's loss is a mean, and scaling it as a sum would break accumulation and DDP.
+        trainer.model_accepts_loss_kwargs = False
     _install_callbacks(trainer, args)
     main = trainer.is_world_process_zero()
     trainable, total = model.get_nb_trainable_parameters()
     if main:
-        _say(f"{keys.task}: {_model_label(recipe)} with {type(model.peft_config['default']).__name__} "
-             f"r={keys.lora_r}; trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        _say(
+            f"{keys.task}: {_model_label(recipe)} with {type(model.peft_config['default']).__name__} "
+            f"r={keys.lora_r}; trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+        )
 
     def measure() -> dict[str, float]:
         if not eval_examples:
@@ -166,12 +177,14 @@ def load_tokenizer(recipe: Recipe):
         tokenizer.chat_template = keys.chat_template
     elif keys.task == "sft" and getattr(tokenizer, "chat_template", None) is None:
         tokenizer.chat_template = D.DEFAULT_CHAT_TEMPLATE
-    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+    if keys.task != "classification" and tokenizer.eos_token is None and tokenizer.sep_token is not None:
         tokenizer.eos_token = tokenizer.sep_token
     return tokenizer
 
 
-def examples_for(recipe: Recipe, tokenizer, rows: list[dict], labels: list[str] | None, source: str) -> list[dict]:
+def examples_for(
+    recipe: Recipe, tokenizer, rows: list[dict], labels: list[str] | None, source: str
+) -> list[dict]:
     """Tokenised examples of `rows` for the recipe's task (columns checked first)."""
     keys = recipe.keys
     D.check_columns(keys, rows, source)
@@ -222,9 +235,8 @@ def build_model(recipe: Recipe, tokenizer, labels: list[str] | None, args=None) 
         if args is not None:
             saved = Path(args.output_dir) / BASE_MODEL_FOLDER
             if args.process_index == 0:
-                model.save_pretrained(saved)
-                tokenizer.save_pretrained(saved)
-            model.config._name_or_path = str(saved.resolve())
+                _save_atomically(saved, model, tokenizer)  # other ranks may be looking for it
+            model.name_or_path = model.config._name_or_path = str(saved.resolve())
         return model.to(dtype) if dtype != "auto" else model
     try:
         return auto.from_pretrained(source, dtype=dtype, **head)
@@ -233,6 +245,18 @@ def build_model(recipe: Recipe, tokenizer, labels: list[str] | None, args=None) 
             f"Cannot load model_name_or_path={source!r}: {err}\nGive a local model folder (config.json "
             "and weights), or a hub id on a machine that can download it."
         ) from None
+
+
+def _save_atomically(folder: Path, *savables) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        for item in savables:
+            item.save_pretrained(staging)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def lora_config(recipe: Recipe) -> LoraConfig:
@@ -260,6 +284,13 @@ def _training_arguments(recipe: Recipe) -> LoraPlusTrainingArguments:
     settings["loraplus_lr_ratio"] = recipe.keys.loraplus_lr_ratio
     settings["loraplus_lr_embedding"] = recipe.keys.loraplus_lr_embedding
     settings.setdefault("dataloader_pin_memory", torch.cuda.is_available())
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:
+        # a DDP backend means nothing to one process, and accelerate fails on it there
+        settings.pop("ddp_backend", None)
+    if not torch.cuda.is_available() and (settings.get("bf16") or distributed):
+        # transformers wants this said to autocast bf16 on the CPU, and to run DDP over gloo on CPUs
+        settings.setdefault("use_cpu", True)
     try:
         return LoraPlusTrainingArguments(**settings)
     except (ValueError, TypeError, ImportError) as err:
@@ -310,7 +341,9 @@ def _write_outputs(recipe: Recipe, labels: list[str] | None, result: TrainResult
     if labels is not None:
         saved["labels"] = labels
     (out / RECIPE_FILE).write_text(yaml.safe_dump(saved, sort_keys=True))
-    if plot_loss(read_metrics(out / "metrics.jsonl"), out / "loss.png", f"lorakit {recipe.name}: {result.task}"):
+    if plot_loss(
+        read_metrics(out / "metrics.jsonl"), out / "loss.png", f"lorakit {recipe.name}: {result.task}"
+    ):
         result.loss_curve = str(out / "loss.png")
     (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
 
@@ -325,7 +358,10 @@ def _print_summary(result: TrainResult) -> None:
     ]
     for name in result.after:
         lines.append(f"{name}: {result.before[name]:.4f} -> {result.after[name]:.4f}")
-    lines.append(f"metrics: {result.output_dir}/metrics.jsonl" + (f", loss curve: {result.loss_curve}" if result.loss_curve else ""))
+    lines.append(
+        f"metrics: {result.output_dir}/metrics.jsonl"
+        + (f", loss curve: {result.loss_curve}" if result.loss_curve else "")
+    )
     _say("\n  ".join(lines))
 
 
