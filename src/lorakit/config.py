@@ -25,6 +25,7 @@ class PeftType(str, enum.Enum):
     """Adapter families. Values are the `peft_type` strings stored in `adapter_config.json`."""
 
     LORA = "LORA"
+    BOTTLENECK = "BOTTLENECK"
 
 
 class TaskType(str, enum.Enum):
@@ -300,6 +301,11 @@ class LoraConfig(PeftConfig):
 
 
 CONFIG_CLASSES: dict[str, type[PeftConfig]] = {PeftType.LORA.value: LoraConfig}
+
+
+def bias_mode(config: PeftConfig) -> str:
+    """The config's LoRA `bias` mode; other adapter families train no base bias ("none")."""
+    return getattr(config, "bias", "none")
 
 
 def as_set_or_str(value: Any, name: str) -> set[str] | str | None:

@@ -61,6 +61,11 @@ _INTERNAL_PARTS = {
     "lora_embedding_A",
     "lora_embedding_B",
     "lora_magnitude_vector",
+    "adapter_down",
+    "adapter_up",
+    "adapter_layer_norm",
+    "adapter_dropout",
+    "adapter_act",
     "modules_to_save",
     "original_module",
 }
