@@ -367,6 +367,16 @@ def test_a_module_takes_adapters_of_one_family_only():
         model.add_weighted_adapter(["default", "lora"], [1.0, 1.0], "both", combination_type="cat")
 
 
+def test_all_linear_lora_skips_bottleneck_layers_and_their_projections():
+    model = get_peft_model(
+        tiny_llama(), BottleneckConfig.houlsby("llama", bottleneck_size=M), adapter_name="bn"
+    )
+    model.add_adapter("lora", LoraConfig(r=2, target_modules="all-linear"))
+    adapted = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert adapted and not any(n.endswith(("o_proj", "down_proj")) or "adapter_" in n for n in adapted)
+    assert sum(n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) for n in adapted) == 10
+
+
 def test_loraplus_gives_the_up_projection_the_ratio_and_the_down_projection_lr():
     model = get_peft_model(
         tiny_llama(),
