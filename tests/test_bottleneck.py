@@ -489,9 +489,9 @@ def test_unknown_presets_and_architectures_say_what_is_known():
 
 def test_default_targets_follow_the_model_type():
     model = get_peft_model(tiny_llama(), BottleneckConfig(bottleneck_size=M))
-    assert model.peft_config["default"].target_modules == ["mlp.down_proj"]
+    assert model.peft_config["default"].target_modules == {"mlp.down_proj"}
     model = get_peft_model(tiny_llama(), BottleneckConfig(bottleneck_size=M, mode="parallel"))
-    assert model.peft_config["default"].target_modules == ["mlp"]
+    assert model.peft_config["default"].target_modules == {"mlp"}
     with pytest.raises(ValueError, match="no default bottleneck placement for model_type=None"):
         get_peft_model(nn.Sequential(nn.Linear(4, 4)), BottleneckConfig(bottleneck_size=2))
 

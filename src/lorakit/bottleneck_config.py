@@ -233,14 +233,14 @@ def _known_model_types() -> set[str]:
     return set(PLACEMENTS) | set(_MODEL_FAMILY)
 
 
-def default_targets(model_type: str | None, mode: str) -> tuple[list[str], list[str] | None]:
+def default_targets(model_type: str | None, mode: str) -> tuple[set[str], set[str] | None]:
     """`target_modules=None`: the "pfeiffer" (series) or "parallel" placement's targets and excludes.
 
     Raises:
         ValueError: no placement is known for `model_type`.
     """
     preset = BottleneckConfig.from_preset("pfeiffer" if mode == "series" else "parallel", model_type or "")
-    return sorted(preset.target_modules), preset.exclude_modules
+    return preset.target_modules, preset.exclude_modules
 
 
 CONFIG_CLASSES[PeftType.BOTTLENECK.value] = BottleneckConfig

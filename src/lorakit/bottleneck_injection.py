@@ -56,7 +56,7 @@ def inject_bottleneck(
         lora_model._add_module_to_save(name, adapter_name, undo)
 
 
-def _defaults(model_config, config: BottleneckConfig) -> tuple[list[str], list[str] | None]:
+def _defaults(model_config, config: BottleneckConfig) -> tuple[set[str], set[str] | None]:
     model_type = getattr(model_config, "model_type", None)
     try:
         return default_targets(model_type, config.mode)
