@@ -73,7 +73,7 @@ def write(tmp_path, text, name="recipe.yaml"):
 
 def test_every_shipped_recipe_loads_and_names_existing_data():
     names = set(shipped_recipes())
-    assert {"quickstart", "sft", "sft_chat", "dpo"} <= names
+    assert {"quickstart", "sft", "sft_chat", "dpo", "bottleneck"} <= names
     for name in names:
         recipe = load_recipe(name)
         assert recipe.keys.train_file and read_rows(recipe.keys.train_file)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lorakit import PeftModel
 from lorakit.training.data import IGNORE_INDEX, DpoCollator, dpo_examples, sft_examples
 from lorakit.training.dpo import pair_logprobs, reference_logprobs
-from lorakit.training.recipe import load_recipe
+from lorakit.training.recipe import RecipeError, load_recipe
 from lorakit.training.run import RECIPE_FILE, load_tokenizer, train
 from lorakit.training.trainer import STAGING_FOLDER, LoraPlusTrainer
 
@@ -242,3 +242,21 @@ def test_the_saved_tokenizer_and_recipe_let_the_adapter_be_reused(quickstart):
     assert tokenizer("set an alarm")["input_ids"][0] == tokenizer.cls_token_id
     saved = (out / RECIPE_FILE).read_text()
     assert "labels:" in saved and "smart_home" in saved
+
+
+def test_a_bottleneck_recipe_trains_with_loraplus_and_saves_bottleneck_weights(tmp_path, capsys):
+    bottleneck = {"preset": "pfeiffer", "bottleneck_size": 8}
+    recipe = tiny_bert_recipe(output_dir=str(tmp_path), bottleneck=bottleneck, loraplus_lr_ratio=4)
+    recipe = {k: v for k, v in recipe.items() if not k.startswith("lora_")}
+    result = train(recipe)
+    tensors = adapter_tensors(tmp_path)
+    assert any(".adapter_down." in k for k in tensors) and not any("lora_" in k for k in tensors)
+    up = [t for k, t in tensors.items() if k.endswith("adapter_up.weight")]
+    assert up and max(t.abs().max().item() for t in up) > 1e-3  # the zero-initialised side moved
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "BOTTLENECK"
+    assert result.steps == 6 and "with bottleneck adapters" in capsys.readouterr().out
+
+
+def test_a_bottleneck_recipe_with_lora_keys_is_refused():
+    with pytest.raises(RecipeError, match=r"also sets LoRA keys \['lora_r'\]"):
+        load_recipe("bottleneck", {"lora_r": 8})

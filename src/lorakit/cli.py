@@ -187,6 +187,16 @@ def info(adapter: str | os.PathLike) -> str:
             f"  r={data['r']}  lora_alpha={data['lora_alpha']}  scaling={rule}{variant}  "
             f"dropout={data['lora_dropout']}  init={data['init_lora_weights']}"
         )
+    elif data.get("peft_type") == "BOTTLENECK":
+        size = (
+            f"bottleneck_size={data['bottleneck_size']}"
+            if data.get("bottleneck_size")
+            else f"reduction_factor={data['reduction_factor']}"
+        )
+        lines.append(
+            f"  mode={data['mode']}  {size}  non_linearity={data['non_linearity']}  "
+            f"scaling={data['scaling']}  layer_norm={data['layer_norm']}"
+        )
     targets = sorted({_module_of(key) for key in state if _kind_of(key) != "modules_to_save"})
     lines.append(f"  target_modules (config): {json.dumps(data.get('target_modules'))}")
     lines.append(

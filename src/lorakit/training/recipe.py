@@ -38,6 +38,9 @@ class RecipeKeys:
     Data: `train_file`, `eval_file` (JSONL, JSON or CSV; relative paths are relative to the recipe
     file), the column names, and `max_train_samples` / `max_eval_samples`.
     LoRA: as in the module docstring; `loraplus_lr_ratio: null` trains plain LoRA.
+    Bottleneck adapters instead of LoRA: `bottleneck`, a mapping of `BottleneckConfig` fields, plus
+    `preset` (houlsby | pfeiffer | parallel, placed for the model's architecture); the `lora_*` keys
+    must then be absent, while `loraplus_lr_ratio` applies (up-projections get lr x ratio).
     DPO: `beta` (the KL weight of the DPO loss).
     """
 
@@ -71,6 +74,7 @@ class RecipeKeys:
     init_lora_weights: bool | str = True
     loraplus_lr_ratio: float | None = None
     loraplus_lr_embedding: float | None = None
+    bottleneck: dict | None = None
     beta: float = 0.1
 
 
@@ -192,6 +196,13 @@ def load_recipe(
             overrides[key] = str(Path(overrides[key]).resolve())
     raw.update(overrides)
     _check_names(raw)
+    if raw.get("bottleneck") is not None:
+        lora_only = sorted(k for k in raw if k in _LORA_ONLY_KEYS)
+        if lora_only:
+            raise RecipeError(
+                f"The recipe trains bottleneck adapters (bottleneck: ...) but also sets LoRA keys {lora_only}; "
+                "remove them, or remove bottleneck to train LoRA."
+            )
 
     keys = RecipeKeys(**{k: _coerce(k, v, _RECIPE_HINTS[k]) for k, v in raw.items() if k in RECIPE_KEYS})
     training = {k: v for k, v in DEFAULT_TRAINING.items() if v is not None}
@@ -229,6 +240,10 @@ def parse_overrides(argv: list[str]) -> dict[str, Any]:
 
 
 # ---- checks ---------------------------------------------------------------------------------------
+_LORA_ONLY_KEYS = {
+    "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save",
+    "use_rslora", "use_dora", "init_lora_weights",
+}  # fmt: skip
 _RECIPE_HINTS = typing.get_type_hints(RecipeKeys)
 _TRAINING_HINTS = typing.get_type_hints(LoraPlusTrainingArguments)
 

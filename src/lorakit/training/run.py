@@ -30,6 +30,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging as hf_logging
 
+from ..bottleneck_config import BottleneckConfig
 from ..config import LoraConfig, TaskType
 from ..peft_model import get_peft_model
 from . import data as D
@@ -104,7 +105,8 @@ def train(
     train_examples = examples_for(recipe, tokenizer, train_rows, labels, "train data")
     eval_examples = examples_for(recipe, tokenizer, eval_rows, labels, "eval data") if eval_rows else []
 
-    model = get_peft_model(build_model(recipe, tokenizer, labels, args), lora_config(recipe))
+    base = build_model(recipe, tokenizer, labels, args)
+    model = get_peft_model(base, adapter_config(recipe, base.config.model_type))
     collate = collator_for(keys.task, tokenizer)
     trainer_cls = DpoTrainer if keys.task == "dpo" else LoraPlusTrainer
     extra = {"beta": keys.beta} if keys.task == "dpo" else {}
@@ -128,9 +130,10 @@ def train(
     main = trainer.is_world_process_zero()
     trainable, total = model.get_nb_trainable_parameters()
     if main:
+        adapter = "bottleneck adapters" if keys.bottleneck is not None else f"LoRA r={keys.lora_r}"
         _say(
-            f"{keys.task}: {_model_label(recipe)} with {type(model.peft_config['default']).__name__} "
-            f"r={keys.lora_r}; trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+            f"{keys.task}: {_model_label(recipe)} with {adapter}; "
+            f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
         )
 
     def measure() -> dict[str, float]:
@@ -259,12 +262,28 @@ def _save_atomically(folder: Path, *savables) -> None:
         raise
 
 
+def adapter_config(recipe: Recipe, model_type: str) -> LoraConfig | BottleneckConfig:
+    """The recipe's adapter: `BottleneckConfig` when it has a `bottleneck` mapping, else LoRA."""
+    keys = recipe.keys
+    if keys.bottleneck is None:
+        return lora_config(recipe)
+    settings = dict(keys.bottleneck)
+    preset = settings.pop("preset", None)
+    settings.setdefault("task_type", _task_type(keys.task))
+    try:
+        if preset is not None:
+            return BottleneckConfig.from_preset(preset, model_type, **settings)
+        return BottleneckConfig(**settings)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"bottleneck: {err}") from None
+
+
 def lora_config(recipe: Recipe) -> LoraConfig:
     """`LoraConfig` from the recipe's TRL-style keys (`lora_r`, `lora_alpha`, ...)."""
     keys = recipe.keys
     try:
         return LoraConfig(
-            task_type=TaskType.SEQ_CLS if keys.task == "classification" else TaskType.CAUSAL_LM,
+            task_type=_task_type(keys.task),
             r=keys.lora_r,
             lora_alpha=keys.lora_alpha,
             lora_dropout=keys.lora_dropout,
@@ -279,6 +298,10 @@ def lora_config(recipe: Recipe) -> LoraConfig:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+def _task_type(task: str) -> str:
+    return TaskType.SEQ_CLS.value if task == "classification" else TaskType.CAUSAL_LM.value
+
+
 def _training_arguments(recipe: Recipe) -> LoraPlusTrainingArguments:
     settings = dict(recipe.training)
     settings["loraplus_lr_ratio"] = recipe.keys.loraplus_lr_ratio
