@@ -260,3 +260,11 @@ def test_a_bottleneck_recipe_trains_with_loraplus_and_saves_bottleneck_weights(t
 def test_a_bottleneck_recipe_with_lora_keys_is_refused():
     with pytest.raises(RecipeError, match=r"also sets LoRA keys \['lora_r'\]"):
         load_recipe("bottleneck", {"lora_r": 8})
+
+
+def test_the_progress_bar_shows_steps_loss_and_speed(tmp_path, capsys):
+    train(tiny_bert_recipe(output_dir=str(tmp_path), disable_tqdm=False))
+    bar = capsys.readouterr().err.split("\r")[-1]
+    assert "train: 100%" in bar and "6/6" in bar
+    assert "loss=" in bar and "lr=" in bar
+    assert "step/s" in bar or "s/step" in bar

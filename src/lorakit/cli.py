@@ -35,8 +35,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
+            from transformers.utils import logging as hf_logging
+
             from .training.recipe import parse_overrides
             from .training.run import train
+
+            # the command prints its own summary; transformers' load reports and bars would bury it
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
 
             recipe = rest.pop(0) if rest and not rest[0].startswith("-") else None
             train(recipe, overrides=parse_overrides(rest), resume=args.resume)

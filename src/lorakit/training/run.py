@@ -28,7 +28,6 @@ from transformers import (
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import logging as hf_logging
 
 from ..bottleneck_config import BottleneckConfig
 from ..config import LoraConfig, TaskType
@@ -94,8 +93,6 @@ def train(
         raise RecipeError("use_peft: false (full fine-tuning) is not what lorakit does; set use_peft: true.")
     args = _training_arguments(recipe)
     checkpoint = _checkpoint_to_resume(args, resume)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     set_seed(args.seed)
 
     tokenizer = load_tokenizer(recipe)
