@@ -4,6 +4,7 @@ Change `from peft import ...` to `from lorakit import ...`; adapters saved by ei
 in the other.
 """
 
+from .bottleneck_config import BottleneckConfig
 from .config import LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
 from .model import LoraModel
 from .optimizers import create_loraplus_optimizer
@@ -24,6 +25,7 @@ from .utils import prepare_model_for_kbit_training
 __version__ = "0.1.0"
 
 __all__ = [
+    "BottleneckConfig",
     "LoftQConfig",
     "LoraConfig",
     "LoraModel",

@@ -2,7 +2,9 @@
 
 File keys are the in-memory names under `base_model.model.` with the adapter name removed:
 `<path>.lora_A.weight`, `<path>.lora_embedding_A`, modules_to_save copies at their own path
-(`classifier.weight`). The mapping is built from the model's structure, never by string
+(`classifier.weight`). Bottleneck adapters: `<path>.adapter_down.weight` / `.bias`,
+`<path>.adapter_up.weight` / `.bias`, and when used `<path>.adapter_layer_norm.weight` / `.bias`
+and `<path>.adapter_scale`. The mapping is built from the model's structure, never by string
 replacement, so an adapter name that also occurs in a module path cannot corrupt it.
 """
 
@@ -19,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .layers.base import ModulesToSaveWrapper
+from .layers.bottleneck import BottleneckLayer
 from .layers.lora import Embedding, LoraLayer
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -64,6 +67,9 @@ def adapter_slots(
                 and path.endswith(EMBEDDING_LAYER_NAMES)
             ):
                 slots[f"{PREFIX}{path}.base_layer.weight"] = Slot(module.base_layer.weight, required=False)
+        elif isinstance(module, BottleneckLayer) and adapter_name in module.adapter_down:
+            for key, tensor in _bottleneck_tensors(module, adapter_name):
+                slots[f"{PREFIX}{path}.{key}"] = Slot(tensor, required=True)
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
                 slots[f"{PREFIX}{path}.{key}"] = Slot(tensor, required=True)
@@ -85,6 +91,19 @@ def _lora_tensors(layer: LoraLayer, adapter_name: str) -> Iterator[tuple[str, to
         yield "lora_embedding_B", layer.lora_embedding_B[adapter_name]
     if adapter_name in layer.lora_magnitude_vector:
         yield "lora_magnitude_vector", layer.lora_magnitude_vector[adapter_name].weight
+
+
+def _bottleneck_tensors(layer: BottleneckLayer, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:
+    for container in layer.adapter_layer_names:
+        holder = getattr(layer, container)
+        if adapter_name not in holder:
+            continue
+        item = holder[adapter_name]
+        if isinstance(item, torch.Tensor):
+            yield container, item
+        else:
+            for key, tensor in item.state_dict(keep_vars=True).items():
+                yield f"{container}.{key}", tensor
 
 
 def _all_biases(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:

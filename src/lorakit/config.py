@@ -25,6 +25,7 @@ class PeftType(str, enum.Enum):
     """Adapter families. Values are the `peft_type` strings stored in `adapter_config.json`."""
 
     LORA = "LORA"
+    BOTTLENECK = "BOTTLENECK"
 
 
 class TaskType(str, enum.Enum):
@@ -238,8 +239,8 @@ class LoraConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LORA.value
-        self.target_modules = _as_set_or_str(self.target_modules, "target_modules")
-        self.exclude_modules = _as_set_or_str(self.exclude_modules, "exclude_modules")
+        self.target_modules = as_set_or_str(self.target_modules, "target_modules")
+        self.exclude_modules = as_set_or_str(self.exclude_modules, "exclude_modules")
         if isinstance(self.loftq_config, LoftQConfig):
             self.loftq_config = dataclasses.asdict(self.loftq_config)
         if self.modules_to_save is not None:
@@ -255,18 +256,7 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r} is not a bias mode; use 'none', 'all' or 'lora_only'.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise ValueError(
-                "layers_to_transform cannot be used with a regex target_modules string; put the layer "
-                "indices in the regex, or pass target_modules as a list of names."
-            )
-        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
-            raise ValueError("layers_pattern cannot be used with a regex target_modules string.")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            raise ValueError(
-                "layers_pattern only has an effect with layers_to_transform; set both or neither."
-            )
-        _check_layer_indices(self.layers_to_transform)
+        check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
         _check_pattern(self.rank_pattern, "rank_pattern", need_int=True)
         _check_pattern(self.alpha_pattern, "alpha_pattern", need_int=False)
         init = self.init_lora_weights
@@ -313,7 +303,12 @@ class LoraConfig(PeftConfig):
 CONFIG_CLASSES: dict[str, type[PeftConfig]] = {PeftType.LORA.value: LoraConfig}
 
 
-def _as_set_or_str(value: Any, name: str) -> set[str] | str | None:
+def bias_mode(config: PeftConfig) -> str:
+    """The config's LoRA `bias` mode; other adapter families train no base bias ("none")."""
+    return getattr(config, "bias", "none")
+
+
+def as_set_or_str(value: Any, name: str) -> set[str] | str | None:
     if value is None or isinstance(value, str):
         if isinstance(value, str):
             try:
@@ -328,6 +323,24 @@ def _as_set_or_str(value: Any, name: str) -> set[str] | str | None:
     if not all(isinstance(item, str) for item in items):
         raise ValueError(f"{name}={value!r} must contain module names (strings).")
     return set(items)
+
+
+def check_layer_selection(
+    target_modules: set[str] | str | None,
+    layers_to_transform: list[int] | int | None,
+    layers_pattern: list[str] | str | None,
+) -> None:
+    """PEFT's rules for restricting targets to layer indices (shared by every adapter config)."""
+    if isinstance(target_modules, str) and layers_to_transform is not None:
+        raise ValueError(
+            "layers_to_transform cannot be used with a regex target_modules string; put the layer "
+            "indices in the regex, or pass target_modules as a list of names."
+        )
+    if isinstance(target_modules, str) and layers_pattern is not None:
+        raise ValueError("layers_pattern cannot be used with a regex target_modules string.")
+    if layers_pattern is not None and layers_to_transform is None:
+        raise ValueError("layers_pattern only has an effect with layers_to_transform; set both or neither.")
+    _check_layer_indices(layers_to_transform)
 
 
 def _check_layer_indices(layers: Any) -> None:

@@ -14,8 +14,11 @@ from collections.abc import Iterator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig
+from .bottleneck_config import BottleneckConfig
+from .bottleneck_injection import inject_bottleneck
+from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, bias_mode
 from .layers.base import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper
+from .layers.bottleneck import BottleneckLayer
 from .layers.lora import LoraLayer, create_lora_layer, is_gpt2_conv1d
 from .replication import replicate_layers
 from .targeting import is_internal_name, name_matches, plan_targets, resolve_target_modules
@@ -25,6 +28,8 @@ def module_kind(module: nn.Module) -> str:
     """The coarse kind the targeting plan works with (see `targeting.plan_targets`)."""
     if isinstance(module, LoraLayer):
         return "adapted:" + module_kind(module.base_layer)
+    if isinstance(module, BottleneckLayer):
+        return "bottleneck"
     if isinstance(module, nn.Embedding):
         return "embedding"
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -37,12 +42,12 @@ def module_kind(module: nn.Module) -> str:
 
 
 class LoraModel(nn.Module):
-    """A model with LoRA adapters injected (PEFT's `LoraModel`).
+    """A model with adapters injected (PEFT's `LoraModel`): LoRA and bottleneck adapters, by name.
 
     Args:
-        model: any `nn.Module`; its target modules are replaced in place by LoRA layers that keep
-            the original as `base_layer`.
-        config: a `LoraConfig`, or a dict {adapter_name: LoraConfig} as PEFT accepts.
+        model: any `nn.Module`; its target modules are replaced in place by adapter layers that
+            keep the original as `base_layer`.
+        config: a `LoraConfig` or `BottleneckConfig`, or a dict {adapter_name: config} as PEFT accepts.
         adapter_name: name of the first adapter.
     """
 
@@ -146,7 +151,7 @@ class LoraModel(nn.Module):
             layer.enable_adapters(False)
 
     # ---- adding and removing ---------------------------------------------------------------
-    def inject_adapter(self, adapter_name: str, config: LoraConfig) -> None:
+    def inject_adapter(self, adapter_name: str, config: LoraConfig | BottleneckConfig) -> None:
         """Add adapter `adapter_name` to every module the config selects.
 
         Raises:
@@ -154,19 +159,18 @@ class LoraModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"LoraModel takes a LoraConfig, got {type(config).__name__}.")
-        config.check_supported()
-        if self.peft_config and (
-            config.bias != "none" or any(c.bias != "none" for c in self.peft_config.values())
-        ):
+        if not isinstance(config, (LoraConfig, BottleneckConfig)):
+            raise TypeError(f"LoraModel takes a LoraConfig or BottleneckConfig, got {type(config).__name__}.")
+        if isinstance(config, LoraConfig):
+            config.check_supported()
+        if self.peft_config and any(bias_mode(c) != "none" for c in [config, *self.peft_config.values()]):
             raise ValueError(
                 "Several adapters on one model need bias='none' on all of them: a trained base bias "
                 "cannot belong to one adapter. Use lora_bias=True for a per-adapter bias instead."
             )
         config = copy.deepcopy(config)
         undo: list = []
-        if config.layer_replication is not None:
+        if getattr(config, "layer_replication", None) is not None:
             self._replicate(config.layer_replication, undo)
         try:
             self._inject(adapter_name, config, undo)
@@ -175,7 +179,7 @@ class LoraModel(nn.Module):
                 action()
             raise
         self.peft_config[adapter_name] = config
-        init = config.init_lora_weights
+        init = getattr(config, "init_lora_weights", None)
         if isinstance(init, str) and init.startswith(("pissa", "olora", "loftq")):
             warnings.warn(
                 f"init_lora_weights={init!r} replaced the targeted base weights (residual or quantized): "
@@ -200,8 +204,11 @@ class LoraModel(nn.Module):
                 "all adapters on one model share one block layout."
             )
 
-    def _inject(self, adapter_name: str, config: LoraConfig, undo: list) -> None:
+    def _inject(self, adapter_name: str, config: LoraConfig | BottleneckConfig, undo: list) -> None:
         kinds = {name: module_kind(module) for name, module in self.model.named_modules()}
+        if isinstance(config, BottleneckConfig):
+            inject_bottleneck(self, adapter_name, config, kinds, undo)
+            return
         model_config = getattr(self.model, "config", None)
         output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
         output_head = next(
@@ -246,7 +253,7 @@ class LoraModel(nn.Module):
             undo.append(lambda: setattr(parent, attr, target))
 
     def _modules_to_save_targets(
-        self, config: LoraConfig, kinds: dict[str, str], lora_names: set[str]
+        self, config: LoraConfig | BottleneckConfig, kinds: dict[str, str], lora_names: set[str]
     ) -> list[str]:
         wanted = config.modules_to_save or []
         automatic = set(TASK_HEAD_MODULES.get(config.task_type or "", ()))
@@ -263,7 +270,7 @@ class LoraModel(nn.Module):
         clash = sorted(set(chosen) & lora_names)
         if clash:
             raise ValueError(
-                f"{clash[0]!r} is both a LoRA target and in modules_to_save; a module is either adapted or "
+                f"{clash[0]!r} is both an adapter target and in modules_to_save; a module is either adapted or "
                 "trained in full. Remove it from one of the two."
             )
         return list(dict.fromkeys(chosen))
@@ -373,11 +380,11 @@ class LoraModel(nn.Module):
         active = [self.peft_config[n] for n in self._active_adapter if n in self.peft_config]
         trainable = [c for c in active if not c.inference_mode]
         for config in trainable:
-            if config.bias == "all":
+            if bias_mode(config) == "all":
                 for name, param in self.model.named_parameters():
                     if name.split(".")[-1] == "bias" and "original_module" not in name.split("."):
                         param.requires_grad_(True)
-            elif config.bias == "lora_only":
+            elif bias_mode(config) == "lora_only":
                 for layer in self.model.modules():
                     if isinstance(layer, LoraLayer) and getattr(layer.base_layer, "bias", None) is not None:
                         layer.base_layer.bias.requires_grad_(True)
@@ -406,7 +413,7 @@ def _untie_merge_targets(layers: list[AdapterLayer], adapter_names: list[str] | 
     """
     owners: dict[int, int] = {}
     for layer in layers:
-        for tensor in (layer.base_layer.weight, getattr(layer.base_layer, "bias", None)):
+        for tensor in (getattr(layer.base_layer, "weight", None), getattr(layer.base_layer, "bias", None)):
             if tensor is not None:
                 owners[tensor.data_ptr()] = owners.get(tensor.data_ptr(), 0) + 1
     for layer in layers:

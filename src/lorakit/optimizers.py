@@ -28,6 +28,10 @@ def loraplus_param_groups(
         - B matrices, DoRA magnitudes and every 1-D trainable tensor (biases, norm weights):
           `lr * loraplus_lr_ratio`; weight decay only for B matrices, never for biases or norms.
         - Embedding adapters (`lora_embedding_A/B`): `loraplus_lr_embedding`, weight decay.
+    Bottleneck adapters follow the same reasoning (LoRA+ speeds up the factor that starts at
+    zero): the down-projection weight is an A (`lr`), the up-projection weight a B (`lr * ratio`,
+    weight decay); their biases, the adapter's layer norm and a learned `adapter_scale` are 1-D
+    (`lr * ratio`, no weight decay).
     Empty groups are left out.
 
     Raises:
@@ -50,7 +54,7 @@ def loraplus_param_groups(
             continue
         if id(param) in embedding_params:
             groups["embedding"]["params"].append(param)
-        elif "lora_B" in name or "lora_magnitude_vector" in name or param.dim() == 1:
+        elif _is_b_side(name) or param.dim() == 1:
             groups["B_no_decay" if id(param) in no_decay else "B"]["params"].append(param)
         else:
             groups["A"]["params"].append(param)
@@ -90,6 +94,11 @@ def create_loraplus_optimizer(
     return optimizer_cls(groups, lr=lr, **optimizer_kwargs)
 
 
+def _is_b_side(name: str) -> bool:
+    parts = name.split(".")
+    return any(p in ("lora_B", "lora_magnitude_vector", "adapter_up") for p in parts)
+
+
 def _no_decay_params(model: nn.Module) -> set[int]:
     """Biases and the parameters of normalisation layers: trained without weight decay."""
     out = set()
@@ -99,6 +108,6 @@ def _no_decay_params(model: nn.Module) -> set[int]:
             if norm or key == "bias" or key.endswith(".bias"):
                 out.add(id(param))
     for name, param in model.named_parameters():
-        if name.endswith("bias"):
+        if name.endswith("bias") or "adapter_scale" in name.split("."):
             out.add(id(param))
     return out

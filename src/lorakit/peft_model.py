@@ -16,8 +16,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .bottleneck_config import BottleneckConfig
 from .checkpoint import adapter_slots, check_fits, copy_into, read_adapter_weights, save_adapter_files
-from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, TaskType
+from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, TaskType, bias_mode
 from .layers.lora import Embedding
 from .model import LoraModel
 
@@ -217,7 +218,7 @@ class PeftModel(nn.Module):
             config = self.peft_config[name]
             folder = str(save_directory) if name == "default" else os.path.join(str(save_directory), name)
             embed = self._saves_embeddings(name, save_embedding_layers)
-            slots = adapter_slots(self.get_base_model(), name, config.bias, embed)
+            slots = adapter_slots(self.get_base_model(), name, bias_mode(config), embed)
             tensors = {key: slot.tensor for key, slot in slots.items()}
             if path_initial_model_for_weight_conversion is not None:
                 tensors, config = _convert_mutated_init(
@@ -294,13 +295,15 @@ class PeftModel(nn.Module):
 
     def _load_weights(self, adapter_name: str, state: dict[str, torch.Tensor], source: str) -> None:
         config = self.peft_config[adapter_name]
-        slots = adapter_slots(self.get_base_model(), adapter_name, config.bias, save_embedding_layers=True)
+        slots = adapter_slots(
+            self.get_base_model(), adapter_name, bias_mode(config), save_embedding_layers=True
+        )
         check_fits(slots, state, source)
         copy_into(slots, state)
 
     def _with_task_heads(self, config: PeftConfig) -> PeftConfig:
         heads = TASK_HEAD_MODULES.get(getattr(self, "task_type", None) or "", ())
-        if heads and isinstance(config, LoraConfig):
+        if heads and isinstance(config, (LoraConfig, BottleneckConfig)):
             present = config.modules_to_save or []
             config.modules_to_save = present + [h for h in heads if h not in present]
         return config
@@ -384,6 +387,11 @@ def _convert_mutated_init(
     """
     from . import init as lora_init
 
+    if not isinstance(config, LoraConfig):
+        raise ValueError(
+            "path_initial_model_for_weight_conversion applies to PiSSA/OLoRA LoRA adapters only; "
+            f"this adapter is {config.peft_type}."
+        )
     if config.use_dora:
         raise NotImplementedError("Weight conversion of DoRA adapters is not implemented; save without it.")
     if config.init_lora_weights == "loftq":
@@ -469,7 +477,7 @@ def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -
     """The tensors `save_pretrained` would write for `adapter_name`, under PEFT's file keys."""
     config = model.peft_config[adapter_name]
     embed = model._saves_embeddings(adapter_name, "auto")
-    slots = adapter_slots(model.get_base_model(), adapter_name, config.bias, embed)
+    slots = adapter_slots(model.get_base_model(), adapter_name, bias_mode(config), embed)
     return {key: slot.tensor.detach() for key, slot in slots.items()}
 
 

@@ -61,6 +61,11 @@ _INTERNAL_PARTS = {
     "lora_embedding_A",
     "lora_embedding_B",
     "lora_magnitude_vector",
+    "adapter_down",
+    "adapter_up",
+    "adapter_layer_norm",
+    "adapter_dropout",
+    "adapter_act",
     "modules_to_save",
     "original_module",
 }
@@ -144,23 +149,23 @@ def resolve_target_modules(
     return targets
 
 
-def plan_targets(kinds: dict[str, str], config: LoraConfig, targets: set[str] | str) -> dict[str, TargetPlan]:
-    """Choose the modules to adapt and their rank/alpha.
+def select_targets(
+    kinds: dict[str, str], config, targets: set[str] | str, adaptable: tuple[str, ...] | None = None
+) -> list[str]:
+    """The module names `targets` selects, after `exclude_modules` and `layers_to_transform`.
 
-    Args:
-        kinds: module name -> kind ("linear", "conv1d_gpt2", "embedding", "conv", "adapted:<kind>",
-            or "other:<TypeName>") for every module of the model.
-        targets: `resolve_target_modules`'s result.
+    Shared by every adapter family: `config` needs `exclude_modules`, `layers_to_transform` and
+    `layers_pattern`. `adaptable` (kinds) narrows the names suggested when nothing matches.
 
     Raises:
-        ValueError: nothing matches (with near names), a match is of a type LoRA cannot adapt,
-            everything matched is excluded, or `layers_to_transform` leaves nothing.
+        ValueError: nothing matches (with near names), everything matched is excluded, or
+            `layers_to_transform` leaves nothing.
     """
     names = [n for n in kinds if n and not is_internal_name(n)]
     matched = [n for n in names if name_matches(n, targets)]
     if not matched:
-        adaptable = [n for n in names if kinds[n].split(":")[-1] in SUPPORTED_KINDS]
-        raise ValueError(_no_match_message(targets, adaptable or names, "target_modules"))
+        hints = [n for n in names if adaptable is None or kinds[n].split(":")[-1] in adaptable]
+        raise ValueError(_no_match_message(targets, hints or names, "target_modules"))
     excluded = config.exclude_modules
     if excluded is not None:
         kept = [n for n in matched if not name_matches(n, excluded)]
@@ -182,6 +187,21 @@ def plan_targets(kinds: dict[str, str], config: LoraConfig, targets: set[str] | 
                 f"selected none of the matched modules; layer indices found among them: {found or 'none'}."
             )
         matched = kept
+    return matched
+
+
+def plan_targets(kinds: dict[str, str], config: LoraConfig, targets: set[str] | str) -> dict[str, TargetPlan]:
+    """Choose the modules to adapt and their rank/alpha.
+
+    Args:
+        kinds: module name -> kind ("linear", "conv1d_gpt2", "embedding", "conv", "adapted:<kind>",
+            or "other:<TypeName>") for every module of the model.
+        targets: `resolve_target_modules`'s result.
+
+    Raises:
+        ValueError: as `select_targets`, or a match is of a type LoRA cannot adapt.
+    """
+    matched = select_targets(kinds, config, targets, SUPPORTED_KINDS)
     unsupported = [n for n in matched if kinds[n].split(":")[-1] not in SUPPORTED_KINDS]
     if unsupported:
         first = unsupported[0]

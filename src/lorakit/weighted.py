@@ -168,6 +168,11 @@ def _check_adapters(lora_model, adapters: list[str], weights: list[float], adapt
             f"(or delete_adapter({adapter_name!r}) first)."
         )
     for adapter in adapters:
+        if not isinstance(lora_model.peft_config[adapter], LoraConfig):
+            raise ValueError(
+                f"Adapter {adapter!r} is a {lora_model.peft_config[adapter].peft_type} adapter; add_weighted_adapter "
+                "combines LoRA adapters only (a bottleneck adapter has no low-rank weight change)."
+            )
         if getattr(lora_model.peft_config[adapter], "use_dora", False):
             raise ValueError(
                 f"Adapter {adapter!r} is a DoRA adapter: its weight change rescales the whole weight and is not "

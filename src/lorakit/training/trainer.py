@@ -7,10 +7,17 @@ checkpoint hooks write and read PEFT-format adapters, never the full base model.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass, field
 
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import find_labels
+
+try:  # transformers >= 5
+    from transformers.trainer import rotate_checkpoints
+except ImportError:  # pragma: no cover - older transformers rotate inside _save_checkpoint only
+    rotate_checkpoints = None
 
 from ..checkpoint import read_adapter_weights
 from ..optimizers import create_loraplus_optimizer
@@ -87,6 +94,43 @@ class LoraPlusTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write `checkpoint-N` in a staging folder, then rename it into place.
+
+        A crash mid-save leaves only the staging folder (which the next save clears), never a
+        half-written `checkpoint-N` that a resume would pick up.
+        """
+        run_dir = self.args.output_dir
+        staging = os.path.join(run_dir, STAGING_FOLDER)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and os.path.isdir(staging):
+            shutil.rmtree(staging)
+        self.accelerator.wait_for_everyone()
+        self.args.output_dir = staging
+        try:
+            written = os.path.join(self._get_output_dir(trial=trial), name)
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            final = os.path.join(self._get_output_dir(trial=trial), name)
+            if os.path.isdir(final):  # the same step saved by an earlier, interrupted run
+                shutil.rmtree(final)
+            os.replace(written, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best is not None and best.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.relpath(best, staging))
+            if rotate_checkpoints is not None:
+                rotate_checkpoints(
+                    output_dir=os.path.dirname(final),
+                    save_total_limit=self.args.save_total_limit,
+                    best_model_checkpoint=self.state.best_model_checkpoint,
+                    use_mtime=False,
+                )
+        self.accelerator.wait_for_everyone()
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model
         model = self.accelerator.unwrap_model(model) if hasattr(self, "accelerator") else model
@@ -106,6 +150,9 @@ class LoraPlusTrainer(Trainer):
             self._load_from_checkpoint(best)
         else:
             super()._load_best_model()
+
+
+STAGING_FOLDER = ".checkpoint-in-progress"
 
 
 def _first(*values):
