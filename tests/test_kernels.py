@@ -270,3 +270,13 @@ def test_dropout_masks_are_independent_per_layer_by_default():
     mask = F.dropout(torch.ones(50, 7), 0.5, True)
     torch.testing.assert_close(q, plain_with_mask(model.q, x, mask), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(k, plain_with_mask(model.k, x, mask))  # k drew its own mask
+
+
+def test_cpu_autocast_bf16_runs_forward_and_backward():
+    layer = adapted_linear({"a": {}, "b": {"use_dora": True}}).train()
+    x = torch.randn(4, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    assert layer.lora_A["a"].weight.grad is not None and x.grad is not None
+    torch.testing.assert_close(out.float(), reference(layer, x, 0).detach(), rtol=5e-2, atol=5e-2)

@@ -194,3 +194,11 @@ def test_adapter_layers_without_mixed_batch_support_are_refused():
     model.base_model.model.lm_head = Plain(model.base_model.model.lm_head)
     with pytest.raises(ValueError, match="not supported by Plain"):
         model(input_ids=ids(2), adapter_names=["a", "b"])
+
+
+def test_bottleneck_adapters_refuse_mixed_batches():
+    from lorakit import BottleneckConfig
+
+    model = get_peft_model(tiny_llama(), BottleneckConfig(target_modules=["mlp"], bottleneck_size=4))
+    with pytest.raises(ValueError, match="not supported by BottleneckLayer"):
+        model(input_ids=ids(2), adapter_names=["default", "__base__"])

@@ -47,7 +47,10 @@ def drop_probability(dropout: nn.Module) -> float:
 
 def fusable(x: torch.Tensor, out_dtype: torch.dtype, weight_a: torch.Tensor) -> bool:
     """Whether the fused path takes these dtypes: all equal, or on CUDA a half-precision base with a
-    float32 adapter, computed in the base dtype (the small factors are cast, outputs stay close)."""
+    float32 adapter, computed in the base dtype (the small factors are cast, outputs stay close).
+    Under autocast the plain ops run instead, so autocast picks each op's dtype as it does for PEFT."""
+    if torch.is_autocast_enabled(x.device.type):
+        return False
     if out_dtype == x.dtype == weight_a.dtype:
         return True
     return x.is_cuda and out_dtype == x.dtype and x.dtype in (torch.float16, torch.bfloat16)
