@@ -11,6 +11,7 @@ replacement, so an adapter name that also occurs in a module path cannot corrupt
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -172,6 +173,23 @@ def atomic_write_text(path: str, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_folder_atomically(folder: str | os.PathLike, *savables) -> None:
+    """`save_pretrained` each of `savables` (None skipped) into a staging folder beside `folder`, then
+    rename it to `folder` (which must not exist, or be empty): readers see all of it or nothing."""
+    folder = os.fspath(folder)
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}-", dir=parent)
+    try:
+        for item in savables:
+            if item is not None:
+                item.save_pretrained(staging)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:

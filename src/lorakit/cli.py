@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -96,6 +94,7 @@ def merge(adapter: str | os.PathLike, out: str | os.PathLike, safe_merge: bool =
     Raises:
         FileExistsError: `out` exists. FileNotFoundError / ValueError: bad adapter folder or base.
     """
+    from .checkpoint import save_folder_atomically
     from .peft_model import PeftModel
 
     out = Path(out)
@@ -103,16 +102,7 @@ def merge(adapter: str | os.PathLike, out: str | os.PathLike, safe_merge: bool =
         raise FileExistsError(f"{out} exists; give --out a new folder (nothing was written).")
     base, tokenizer = _base_for(Path(adapter))
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload(safe_merge=safe_merge)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        merged.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_folder_atomically(out, merged, tokenizer)
     return out
 
 

@@ -292,10 +292,10 @@ class Linear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """As `LoraLayer.forward`; a plain base layer and its first adapter run as one fused node."""
-        names = self._active_here()
-        if args or kwargs or not names or self.sample_adapters is not None or not self._plain_base():
+        if args or kwargs or self.sample_adapters is not None or not self._plain_base():
             return super().forward(x, *args, **kwargs)
-        if self._use_base_only():
+        names = [] if self._use_base_only() else self._active_here()
+        if not names:
             return self.base_layer(x)
         first = names[0]
         a, b = self.lora_A[first].weight, self.lora_B[first]

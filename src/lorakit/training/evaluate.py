@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX
-from .dpo import pair_logprobs, reference_logprobs
+from .dpo import pair_logprobs, reference_logprobs, sequence_logprobs
 
 
 @torch.no_grad()
@@ -56,12 +56,9 @@ def _accumulate(
         totals["b"] += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         totals["n"] += len(batch["labels"])
     elif task == "sft":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        totals["a"] += F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-        ).item()
-        totals["n"] += (labels != IGNORE_INDEX).sum().item()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        totals["a"] -= sequence_logprobs(logits, batch["labels"]).sum().item()
+        totals["n"] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
     else:
         policy_chosen, policy_rejected = pair_logprobs(model, batch)
         reference_chosen, reference_rejected = reference_logprobs(model, batch)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..bottleneck_config import BottleneckConfig
+from ..checkpoint import save_folder_atomically
 from ..config import LoraConfig, TaskType
 from ..peft_model import get_peft_model
 from . import data as D
@@ -219,8 +218,8 @@ def build_model(recipe: Recipe, tokenizer, labels: list[str] | None, args=None) 
         }
     dtype = getattr(torch, keys.torch_dtype) if keys.torch_dtype != "auto" else "auto"
     source = keys.model_name_or_path
-    if keys.model_config is not None and args is not None:
-        saved = Path(args.output_dir) / BASE_MODEL_FOLDER
+    saved = Path(args.output_dir) / BASE_MODEL_FOLDER if args is not None else None
+    if keys.model_config is not None and saved is not None:
         source = str(saved.resolve()) if (saved / "config.json").is_file() else None
     if source is None:
         settings = dict(keys.model_config)
@@ -232,10 +231,9 @@ def build_model(recipe: Recipe, tokenizer, labels: list[str] | None, args=None) 
         except (ValueError, TypeError) as err:
             raise RecipeError(f"model_config is not a valid {model_type!r} config: {err}") from None
         model = auto.from_config(config)
-        if args is not None:
-            saved = Path(args.output_dir) / BASE_MODEL_FOLDER
+        if saved is not None:
             if args.process_index == 0:
-                _save_atomically(saved, model, tokenizer)  # other ranks may be looking for it
+                save_folder_atomically(saved, model, tokenizer)  # other ranks may be looking for it
             model.name_or_path = model.config._name_or_path = str(saved.resolve())
         return model.to(dtype) if dtype != "auto" else model
     try:
@@ -245,18 +243,6 @@ def build_model(recipe: Recipe, tokenizer, labels: list[str] | None, args=None) 
             f"Cannot load model_name_or_path={source!r}: {err}\nGive a local model folder (config.json "
             "and weights), or a hub id on a machine that can download it."
         ) from None
-
-
-def _save_atomically(folder: Path, *savables) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        for item in savables:
-            item.save_pretrained(staging)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def adapter_config(recipe: Recipe, model_type: str) -> LoraConfig | BottleneckConfig:
