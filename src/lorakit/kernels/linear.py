@@ -23,6 +23,8 @@ import weakref
 import torch
 from torch import nn
 
+from .replay import InputReplay, replay_for
+
 # Off by default (PEFT's behaviour: one mask per layer). See `share_dropout_masks`.
 _shared_mask = {"enabled": False, "input": None, "version": -1, "p": -1.0, "keep": None}
 
@@ -83,7 +85,7 @@ def fused_linear(
     flat_x = x.reshape(-1, x.shape[-1])
     args = (flat_result, flat_x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p, shared_keep)
     if torch.is_grad_enabled():
-        out = LoraLinearFunction.apply(*args)
+        out = LoraLinearFunction.apply(*args, replay_for(x))
     else:  # inference: the same arithmetic without an autograd node
         out = _forward(*args)[0]
     return out.view(*lead, out.shape[-1])
@@ -122,23 +124,30 @@ class LoraLinearFunction(torch.autograd.Function):
     None, bias / bias_b / factor (out,) or None, weight_a (r, in), weight_b (out, r), shared_keep
     (N, in) bool or None. The dropout mask is drawn as `torch.nn.functional.dropout` draws it, so a
     fixed seed drops the same elements as PEFT's `nn.Dropout`; `shared_keep` is a mask already
-    drawn for this input (`share_dropout_masks`)."""
+    drawn for this input (`share_dropout_masks`). x is kept for backward only when the gradient of
+    A or W needs it, and not at all when `replay` can rebuild it there (`replay.py`)."""
 
     @staticmethod
-    def forward(ctx, result, x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p, shared_keep):
+    def forward(
+        ctx, result, x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p, shared_keep, replay
+    ):
         out, keep, a, b, hidden, direction, recover = _forward(
             result, x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p, shared_keep
         )
         ctx.scaling, ctx.p, ctx.recover = scaling, p, recover
         ctx.has = (result is not None, bias is not None, bias_b is not None)
         ctx.dtypes = (weight_a.dtype, weight_b.dtype)
+        ctx.replay, ctx.in_features = _input_source(ctx, replay), x.shape[-1]
+        saved_x = x if ctx.replay is None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[4]) else None
         saved_direction = out if recover else direction
-        ctx.save_for_backward(x, weight, keep, a, b, hidden, factor, saved_direction)
+        ctx.save_for_backward(saved_x, weight, keep, a, b, hidden, factor, saved_direction)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, keep, a, b, hidden, factor, direction = ctx.saved_tensors
+        if ctx.replay is not None:
+            x = ctx.replay.take().reshape(-1, ctx.in_features)
         need = ctx.needs_input_grad
         has_result, has_bias, has_bias_b = ctx.has
         grad = grad_out
@@ -176,7 +185,16 @@ class LoraLinearFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
+
+
+def _input_source(ctx, replay: InputReplay | None) -> InputReplay | None:
+    """`replay` if backward will need x (for dA or dW) and can rebuild it; registers the use."""
+    if replay is None or not (ctx.needs_input_grad[2] or ctx.needs_input_grad[4]):
+        return None
+    replay.add_user()
+    return replay
 
 
 def _input_grad(grad, weight, grad_hidden, a, keep):
