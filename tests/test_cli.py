@@ -144,7 +144,10 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_runs_adapter(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
     assert [s for s, _ in losses(killed_dir)] == list(range(1, 61))  # no step logged twice
-    assert losses(killed_dir) == pytest.approx(losses(tmp_path / "straight"), abs=1e-5)
+    # equal to float32 rounding: the first step after the restart runs before q/k/v have been seen
+    # reading one input, so without the grouped projection the uninterrupted run has by then
+    got, want = losses(killed_dir), losses(tmp_path / "straight")
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], abs=1e-5)
 
 
 def test_two_torchrun_processes_match_one_process_with_the_same_global_batch(tmp_path):

@@ -142,12 +142,15 @@ def two_adapter_layer(base: nn.Module, **config) -> nn.Module:
     ],
     ids=["linear", "conv2d", "embedding"],
 )
-def test_every_layer_type_runs_mixed_batches_with_lora_and_dora(base, x):
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "inference"])
+def test_every_layer_type_runs_mixed_batches_with_lora_and_dora(base, x, grad):
+    """With autograd each adapter's rows are gathered; in inference runs of samples add in place."""
     torch.manual_seed(0)
     layer = two_adapter_layer(base)
     names = ["two", "__base__", "one", "two"]
     layer.sample_adapters = names
-    mixed = layer(x)
+    with torch.set_grad_enabled(grad):
+        mixed = layer(x)
     layer.sample_adapters = None
     for i, name in enumerate(names):
         if name == "__base__":

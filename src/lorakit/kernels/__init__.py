@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import LoraLinearFunction, drop_probability, fusable, fused_linear, share_dropout_masks
+from .grouped import forget_groups, sibling_hidden
+from .linear import (
+    LoraLinearFunction,
+    drop_probability,
+    fusable,
+    fused_linear,
+    masks_shared,
+    share_dropout_masks,
+)
 
 __all__ = [
     "LoraLinearFunction",
@@ -22,8 +30,14 @@ __all__ = [
     "add_lora_conv",
     "add_lora_embedding",
     "add_lora_linear",
+    "add_lora_linear_",
+    "drop_probability",
+    "forget_groups",
+    "fusable",
     "linear_with_adapter",
+    "masks_shared",
     "share_dropout_masks",
+    "sibling_hidden",
 ]
 
 
@@ -37,6 +51,7 @@ def linear_with_adapter(
     factor: torch.Tensor | None,
     scaling: float,
     dropout: nn.Module,
+    hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The base linear layer and one adapter in one node: `x W^T + b + scaling * (B A dropout(x) + bias_b)`,
     or with a DoRA `factor` f: `f * (x W^T + scaling * B A x) + b`.
@@ -46,7 +61,13 @@ def linear_with_adapter(
             fan_in_fan_out). base_bias: (out_features,) or None.
         weight_a, weight_b, bias_b, scaling, dropout: as in `add_lora_linear`.
         factor: (out_features,) `magnitude / ||W + scaling B A||` (norm detached) for DoRA, else None.
+        hidden: (N, r) `scaling * A dropout(x)` from `sibling_hidden` (then the fused path is sure
+            to apply and dropout was applied there), or None.
     """
+    if hidden is not None:
+        return fused_linear(
+            None, x, base_weight, base_bias, None, weight_b, bias_b, factor, scaling, 0.0, hidden
+        )
     p = drop_probability(dropout)
     if fusable(x, base_weight.dtype, weight_a) and not (factor is not None and p > 0):
         return fused_linear(None, x, base_weight, base_bias, weight_a, weight_b, bias_b, factor, scaling, p)
@@ -82,6 +103,23 @@ def add_lora_linear(
     hidden = F.linear(dropout(x.to(weight_a.dtype)), weight_a) * scaling
     bias = bias_b * scaling if bias_b is not None else None
     return result + F.linear(hidden, weight_b, bias).to(result.dtype)
+
+
+def add_lora_linear_(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    weight_a: torch.Tensor,
+    weight_b: torch.Tensor,
+    bias_b: torch.Tensor | None,
+    scaling: float,
+) -> None:
+    """`result += scaling * (B A x + bias_b)` in place, for inference (no autograd, no dropout);
+    `result` may be a view (rows of a batch). Same shapes as `add_lora_linear`; dtypes `fusable`."""
+    flat_result = result.view(-1, result.shape[-1])
+    hidden = torch.mm(x.reshape(-1, x.shape[-1]), weight_a.to(x.dtype).t()).mul_(scaling)
+    flat_result.addmm_(hidden, weight_b.to(x.dtype).t())
+    if bias_b is not None:
+        flat_result.add_(bias_b.to(x.dtype), alpha=scaling)
 
 
 def add_lora_embedding(

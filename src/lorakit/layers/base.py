@@ -333,6 +333,17 @@ def group_positions(names: list[str], batch: int, where: str) -> dict[str, list[
     return positions
 
 
+def sample_runs(names: list[str]) -> list[tuple[str, int, int]]:
+    """Runs of consecutive samples with the same adapter: `(name, start, stop)` in sample order."""
+    runs: list[tuple[str, int, int]] = []
+    for i, name in enumerate(names):
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1], i + 1)
+        else:
+            runs.append((name, i, i + 1))
+    return runs
+
+
 def is_contiguous(positions: dict[str, list[int]]) -> bool:
     """Whether every adapter's samples form one contiguous block."""
     return all(p[-1] - p[0] + 1 == len(p) for p in positions.values())

@@ -17,7 +17,7 @@ from torch import nn
 from .. import kernels
 from ..config import LoraConfig
 from ..targeting import TargetPlan
-from .base import AdapterLayer, group_positions, is_contiguous, per_sample
+from .base import AdapterLayer, group_positions, is_contiguous, per_sample, sample_runs
 from .dora import MagnitudeVector, dora_factor, row_norm
 
 
@@ -221,6 +221,10 @@ class LoraLayer(AdapterLayer):
         """`result` (the base output for input `x`) plus adapter `name`'s contribution."""
         raise NotImplementedError
 
+    def _add_in_place(self, name: str, result: torch.Tensor, x: torch.Tensor) -> None:
+        """Add adapter `name`'s contribution into `result` (no autograd: inference only)."""
+        result.copy_(self._add_adapter(name, result, x))
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base output plus every active adapter's; with `sample_adapters` set (a mixed
         batch), each sample gets only its own adapter, in training too."""
@@ -244,6 +248,13 @@ class LoraLayer(AdapterLayer):
             return result
         where = self.module_name or type(self.base_layer).__name__
         positions = group_positions(names, x.shape[0], where)
+        if not torch.is_grad_enabled():
+            # inference: each run of consecutive samples sharing an adapter adds its rows in place
+            # (views, no gather and no concatenation)
+            for name, start, stop in sample_runs(names):
+                if name in self.r:
+                    self._add_in_place(name, result[start:stop], x[start:stop])
+            return result
         if len(positions) > 1 and not is_contiguous(positions):
             # interleaved samples: gather each adapter's rows, write its output rows back in place
             # (gathered copies, so no tensor an autograd node keeps is overwritten)
@@ -309,10 +320,32 @@ class Linear(LoraLayer):
             self._dora_factor(first) if self.use_dora[first] else None,
             self.scaling[first],
             self.lora_dropout[first],
+            kernels.sibling_hidden(self, x),
         )
         for name in names[1:]:
             result = self._add_adapter(name, result, x)
         return result
+
+    def _group_spec(self, x: torch.Tensor) -> tuple[torch.Tensor, float, float] | None:
+        """`(A, scaling, dropout p)` of the first active adapter when a group of layers reading `x`
+        may compute its hidden (`kernels.grouped`): the fused path applies and nothing is merged,
+        disabled or mixed; else None."""
+        if (
+            self.sample_adapters is not None
+            or self.merged
+            or self._disable_adapters
+            or not self._plain_base()
+        ):
+            return None
+        names = self._active_here()
+        if not names:
+            return None
+        first = names[0]
+        a = self.lora_A[first].weight
+        p = kernels.drop_probability(self.lora_dropout[first])
+        if not kernels.fusable(x, self.base_layer.weight.dtype, a) or (p > 0 and self.use_dora[first]):
+            return None
+        return a, self.scaling[first], p
 
     def _plain_base(self) -> bool:
         """True when the base layer is an unhooked nn.Linear or Conv1D, whose forward is exactly
@@ -321,6 +354,13 @@ class Linear(LoraLayer):
         plain = type(base) is nn.Linear or is_gpt2_conv1d(base)
         hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
         return plain and not any(hooks)
+
+    def _add_in_place(self, name: str, result: torch.Tensor, x: torch.Tensor) -> None:
+        a, b = self.lora_A[name].weight, self.lora_B[name]
+        if self.use_dora[name] or not result.is_contiguous() or not kernels.fusable(x, result.dtype, a):
+            super()._add_in_place(name, result, x)
+            return
+        kernels.add_lora_linear_(result, x, a, b.weight, b.bias, self.scaling[name])
 
     def _add_adapter(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name]
