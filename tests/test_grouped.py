@@ -187,3 +187,17 @@ def test_a_deep_copy_learns_its_own_groups(input_ids):
     first, second = run(twin, input_ids), run(twin, input_ids)  # alone (learning), then its own groups
     assert (first[2], second[2]) == (0, 4)
     assert_same(first, second)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_gives_the_gradients_of_a_plain_run(reentrant, input_ids):
+    """Checkpointing re-runs each layer's forward in backward; groups learned in between must not
+    change what that re-run saves (non-reentrant checkpointing checks it)."""
+    plain = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=LLAMA_TARGETS)).train()
+    randomize_adapters(plain)
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed.enable_input_require_grads()
+    for _ in range(2):  # the first step learns the groups, the second may use them
+        expected, got = run(plain, input_ids), run(checkpointed, input_ids)
+        assert_same(expected, got)

@@ -12,7 +12,9 @@ computes the scaled rank-r hiddens `s_i A_i x` of every member in one autograd n
 takes its hidden as an input. If any member cannot take part this call (merged, disabled, a mixed
 batch, independent dropout masks, autocast, another dtype), nobody is grouped and each layer runs
 alone, as it would without groups. A group whose hiddens are left unused (its members no longer
-read one input) is forgotten and learned again. Not used while torch.compile traces.
+read one input) is forgotten and learned again. Not used while torch.compile traces, nor under
+non-reentrant activation checkpointing, which re-runs the forward in backward and requires it to
+save the same tensors as the first time (a group learned in between would change that).
 
 Dropout: grouped members share one mask per input, so groups form under dropout only with
 `share_dropout_masks(True)`; by default (independent masks, as PEFT) layers with dropout run alone.
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from .linear import masks_shared, shared_keep
-from .replay import InputReplay, replay_for
+from .replay import InputReplay, checkpointing, replay_for
 
 
 class _Seen(threading.local):
@@ -56,7 +58,7 @@ def sibling_hidden(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
             of its first active adapter, or None when it cannot be grouped now.
         x: the layer input, (..., in_features).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or checkpointing():
         return None
     seen = _seen
     if seen.pending and _is(seen.pending_input, seen.pending_version, x):
@@ -108,7 +110,7 @@ def grouped_projection(
     scale = scale / (1.0 - p)
     if torch.is_grad_enabled():
         return GroupedProjection.apply(flat, scale, keep, replay_for(x), ranks, *weights_a)
-    return _project(flat, scale, keep, ranks, weights_a)[0]
+    return _project(flat, scale, keep, ranks, weights_a)
 
 
 def _project(x, scale, keep, ranks, weights_a):
@@ -116,17 +118,18 @@ def _project(x, scale, keep, ranks, weights_a):
         torch.cat([a.to(x.dtype) for a in weights_a]) if len(weights_a) > 1 else weights_a[0].to(x.dtype)
     )
     hidden = torch.mm(x if keep is None else x * keep, stacked.t()).mul_(scale)
-    return hidden.split(ranks, dim=1), stacked
+    return hidden.split(ranks, dim=1)
 
 
 class GroupedProjection(torch.autograd.Function):
     """`H = (x * keep) [A_1; ...; A_k]^T * scale`, returned split per member: inputs x (N, in),
     scale (a number or (sum r,) per column), keep (N, in) 0/1 uint8 or None, the `InputReplay` of x or
-    None, the ranks, then each A_i (r_i, in). x is saved only when it cannot be rebuilt."""
+    None, the ranks, then each A_i (r_i, in). x is saved only when it cannot be rebuilt; the
+    stacked A is rebuilt in backward, so what is kept is the hiddens: views of one (N, sum r)."""
 
     @staticmethod
     def forward(ctx, x, scale, keep, replay: InputReplay | None, ranks, *weights_a):
-        hiddens, stacked = _project(x, scale, keep, ranks, weights_a)
+        hiddens = _project(x, scale, keep, ranks, weights_a)
         needs_x = any(ctx.needs_input_grad[5:])
         ctx.replay = replay if needs_x and replay is not None else None
         if ctx.replay is not None:
@@ -134,18 +137,18 @@ class GroupedProjection(torch.autograd.Function):
         ctx.scale, ctx.ranks, ctx.in_features = scale, ranks, x.shape[-1]
         ctx.dtypes = [a.dtype for a in weights_a]
         saved_x = x if needs_x and ctx.replay is None else None
-        ctx.save_for_backward(saved_x, keep, stacked)
+        ctx.save_for_backward(saved_x, keep, *weights_a)  # stacked again in backward: nothing new kept
         return hiddens
 
     @staticmethod
     def backward(ctx, *grads):
-        x, keep, stacked = ctx.saved_tensors
+        x, keep, *weights_a = ctx.saved_tensors
         grad = torch.cat(grads, dim=1) if len(grads) > 1 else grads[0]
         grad = grad * ctx.scale
         need = ctx.needs_input_grad
         grad_x = grad_as = None
         if need[0]:
-            grad_x = grad.mm(stacked)
+            grad_x = grad.mm(torch.cat(weights_a).to(grad.dtype))
             if keep is not None:
                 grad_x.mul_(keep)
         if any(need[5:]):

@@ -6,7 +6,9 @@ factors the graph has saved already: the down projection's input in Llama's MLP,
 or RMSNorm's output `weight * (h * rsqrt(mean(h^2) + eps))`. Then x is rebuilt in backward by the
 same elementwise multiplications, in the same order, from those saved factors (the same values, bit
 for bit) instead of being kept twice. Anything else (a view, a LayerNorm, a dtype cast, an input
-modified in place, tracing under torch.compile) is not rebuilt: the layer saves x as before.
+modified in place, tracing under torch.compile) is not rebuilt: the layer saves x as before. Nor
+under non-reentrant activation checkpointing: it lets each saved tensor be unpacked once, and the
+factors are the multiplication's own saved tensors (x is recomputed there anyway).
 
 Which factors a multiplication node keeps follows from autograd's rule for `a * b`: it saves `a`
 when `b` needs a gradient and `b` when `a` does. A factor it did not save is rebuilt from the node
@@ -47,7 +49,7 @@ class InputReplay:
 
 def replay_for(x: torch.Tensor) -> InputReplay | None:
     """The shared `InputReplay` of `x`, or None when x must be saved (see the module docstring)."""
-    if torch.compiler.is_compiling() or x._version != 0 or not x.requires_grad:
+    if torch.compiler.is_compiling() or x._version != 0 or not x.requires_grad or checkpointing():
         return None
     known = getattr(x, "_lorakit_replay", None)
     if known is not None:
@@ -58,6 +60,14 @@ def replay_for(x: torch.Tensor) -> InputReplay | None:
     replay = InputReplay(plan, x.shape)
     x._lorakit_replay = replay
     return replay
+
+
+def checkpointing() -> bool:
+    """Whether torch.utils.checkpoint's saved-tensor hooks are set (non-reentrant checkpointing, in
+    its forward or in its recomputation)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    return hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
 
 
 def _plan(node, depth: int) -> tuple | None:
