@@ -21,9 +21,12 @@ import math
 
 import torch
 
-# Extra sketch columns of the randomized SVD: with r + 10 columns the power iterations converge at
-# the rate of sigma_{r+11} / sigma_r instead of sigma_{r+1} / sigma_r (Halko et al. 2011, sec. 4.2).
-_OVERSAMPLING = 10
+# Extra sketch directions of the randomized SVD: with r + 4 of them the power iterations converge at
+# the rate of sigma_{r+5} / sigma_r instead of PEFT's sigma_{r+1} / sigma_r (Halko et al. 2011,
+# sec. 4.2). On a 1 / i^1.5 spectrum r + 4 brings the rank-16 part 6-60x closer to the exact one
+# than PEFT's r directions do (r + 8: 50-300x), on a 1 / sqrt(i) spectrum 2.4x; the sketch products
+# dominate the time, and r + 8 took about 1.15x as long as r + 4 at r = 16.
+_OVERSAMPLING = 4
 
 
 def pissa_init(
@@ -47,7 +50,7 @@ def pissa_init(
         scaling: the adapter's scaling (`alpha / r`, or `alpha / sqrt(r)` with rsLoRA); must be > 0.
         niter: None for the exact SVD (`init_lora_weights="pissa"`); an integer N >= 0 for a
             randomized SVD with N power iterations ("pissa_niter_N"), much faster on large matrices.
-            It sketches `r + 10` directions (PEFT's `svd_lowrank(W, r, niter)` sketches only `r`), so
+            It sketches `r + 4` directions (PEFT's `svd_lowrank(W, r, niter)` sketches only `r`), so
             its rank-r part is closer to the exact one than PEFT's at the same N.
         generator: random source of the randomized SVD's Gaussian sketch (on `weight`'s device);
             None uses the global RNG. Unused when `niter` is None.
@@ -67,8 +70,7 @@ def pissa_init(
             "check lora_alpha, which must be positive."
         )
     if niter is None:
-        left, singular_values, right_h = torch.linalg.svd(matrix, full_matrices=False)
-        left, singular_values, right_h = left[:, :r], singular_values[:r], right_h[:r]
+        left, singular_values, right_h = _exact_svd(matrix, r)
     else:
         if niter < 0:
             raise ValueError(
@@ -78,7 +80,7 @@ def pissa_init(
     root = torch.sqrt(singular_values / scaling)
     lora_a = root[:, None] * right_h
     lora_b = left * root[None, :]
-    new_weight = (matrix - scaling * (lora_b @ lora_a)).to(weight.dtype)
+    new_weight = torch.addmm(matrix, lora_b, lora_a, alpha=-scaling).to(weight.dtype)
     return lora_a, lora_b, new_weight
 
 
@@ -224,22 +226,46 @@ def _as_compute_matrix(weight: torch.Tensor, r: int, caller: str) -> torch.Tenso
     return weight.detach().to(compute_dtype)
 
 
+def _exact_svd(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-r `(U, S, V^T)` of `matrix` `(m, n)` from the full thin SVD.
+
+    A wide matrix is decomposed through its transpose (`W^T = V S U^T`): LAPACK's divide and conquer
+    (MKL, CPU, one thread) takes 120 ms on a 512 x 1376 float32 matrix and 68 ms on its 1376 x 512
+    transpose, with the same singular values and vectors up to sign.
+    """
+    if matrix.shape[0] < matrix.shape[1]:
+        right, singular_values, left_h = torch.linalg.svd(matrix.T, full_matrices=False)
+        return left_h[:r].T, singular_values[:r], right[:, :r].T
+    left, singular_values, right_h = torch.linalg.svd(matrix, full_matrices=False)
+    return left[:, :r], singular_values[:r], right_h[:r]
+
+
 def _randomized_svd(
     matrix: torch.Tensor, r: int, niter: int, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-r `(U, S, V^T)` of `matrix` `(m, n)` by randomized range finding with `niter` power
+    """Top-r `(U, S, V^T)` of `matrix` `(m, n)` by randomized subspace iteration with `niter` power
     iterations (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1).
 
-    Re-orthonormalising after every multiplication keeps the small singular directions from being
-    lost to float32 rounding as the power iterations sharpen the spectrum.
+    One power iteration is `Q <- orth(W W^T Q)` on `width = r + _OVERSAMPLING` directions. The basis
+    `Q` is kept as orthonormal rows `(width, m)`, so every product is `rows @ W` or `rows @ W^T`, which
+    BLAS runs about twice as fast as `W^T @ columns` (MKL, one thread, width 16-26: 70-80 against
+    35-40 GFLOP/s). Orthonormalising once per iteration rather than after each of its two products
+    (5 QRs instead of 9 at niter=4) kept the result as accurate as float32's exact SVD in our checks:
+    top-16 singular values to ~1e-5 relative with sigma_16 / sigma_1 down to 1e-5.
     """
     width = min(r + _OVERSAMPLING, *matrix.shape)
     sketch = torch.randn(
-        matrix.shape[1], width, generator=generator, dtype=matrix.dtype, device=matrix.device
+        width, matrix.shape[1], generator=generator, dtype=matrix.dtype, device=matrix.device
     )
-    basis = torch.linalg.qr(matrix @ sketch).Q
+    left_basis = _orthonormal_rows(sketch @ matrix.T)
     for _ in range(niter):
-        basis = torch.linalg.qr(matrix.T @ basis).Q
-        basis = torch.linalg.qr(matrix @ basis).Q
-    small_left, singular_values, right_h = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
-    return basis @ small_left[:, :r], singular_values[:r], right_h[:r]
+        left_basis = _orthonormal_rows((left_basis @ matrix) @ matrix.T)
+    # Rayleigh-Ritz on the (width, n) projection Q^T W, through its tall transpose: Q^T W = U' S V^T
+    right, singular_values, small_left_h = torch.linalg.svd((left_basis @ matrix).T, full_matrices=False)
+    return left_basis.T @ small_left_h[:r].T, singular_values[:r], right[:, :r].T
+
+
+def _orthonormal_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Orthonormal rows spanning the rows of `rows` `(k, d)`, `k <= d`: the Householder QR of the
+    column-major view `rows.T`, whose `Q.T` comes back row-major (no transposing copy either way)."""
+    return torch.linalg.qr(rows.T).Q.T

@@ -70,7 +70,6 @@ class LoraLayer(AdapterLayer):
         factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self._create(adapter_name, plan.r, config, factory)
         if _is_data_driven(config.init_lora_weights):
-            self._initialise(adapter_name, True)
             self._initialise_from_weight(adapter_name, config)
         else:
             self._initialise(adapter_name, config.init_lora_weights)
@@ -108,6 +107,10 @@ class LoraLayer(AdapterLayer):
             niter = int(method.rsplit("_", 1)[1]) if method.startswith("pissa_niter_") else None
             a, b, new = lora_init.pissa_init(matrix, r, scaling, niter=niter)
         self.set_factors(adapter_name, a, b)
+        bias = self.lora_B[adapter_name].bias if adapter_name in self.lora_B else None
+        if bias is not None:  # lora_bias starts at zero, as with the default init
+            with torch.no_grad():
+                bias.zero_()
         weight = self.base_layer.weight
         new_weight = self._rows_to_base(new.reshape(rows.shape)).to(weight.dtype).contiguous()
         self.base_layer.weight = nn.Parameter(new_weight, requires_grad=weight.requires_grad)
