@@ -10,10 +10,11 @@
 
 The scale multiplies the rank-r tensor, the LoRA add is the output matmul's `addmm` (in place on
 the base output when the base matmul is ours), and backward keeps only: x (shared by every
-adapter and layer reading the same x), the rank-r hidden `s A drop(x)`, a one-byte 0/1 keep-mask with
-dropout (the dropped input is rebuilt in backward), and for DoRA the output itself (the direction
-is `out / f`) or, with a base bias, the direction. The base input gradient and the LoRA one are
-summed in place (`addmm_`), not by a separate add.
+adapter and layer reading the same x, and not kept at all when `replay.py` can rebuild it), the
+rank-r hidden `s A drop(x)`, a one-byte 0/1 keep-mask with dropout (the dropped input is rebuilt in
+backward), and for DoRA the output itself (the direction is `out / f`) or, with a base bias, the
+direction. The base input gradient and the LoRA one are summed in place (`addmm_`), not by a
+separate add. The hidden may also come in ready-made from the layer's siblings (`grouped.py`).
 """
 
 from __future__ import annotations
