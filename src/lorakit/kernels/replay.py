@@ -58,7 +58,10 @@ def replay_for(x: torch.Tensor) -> InputReplay | None:
     if plan is None:
         return None
     replay = InputReplay(plan, x.shape)
-    x._lorakit_replay = replay
+    try:
+        x._lorakit_replay = replay  # the next layer reading x (k, v after q) finds it here
+    except AttributeError:  # a tensor subclass without attributes: each layer rebuilds its own
+        pass
     return replay
 
 
