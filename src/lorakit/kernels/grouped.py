@@ -28,7 +28,7 @@ import weakref
 import torch
 from torch import nn
 
-from .linear import masks_shared, shared_keep
+from .linear import masks_shared, same_tensor, shared_keep
 from .replay import InputReplay, checkpointing, replay_for
 
 
@@ -61,7 +61,7 @@ def sibling_hidden(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if torch.compiler.is_compiling() or checkpointing():
         return None
     seen = _seen
-    if seen.pending and _is(seen.pending_input, seen.pending_version, x):
+    if seen.pending and same_tensor(seen.pending_input, seen.pending_version, x):
         left = seen.pending.pop(id(layer), None)
         if left is not None:
             return left[1]
@@ -169,14 +169,10 @@ def _scale(scalings: list[float], ranks: tuple[int, ...], x: torch.Tensor) -> to
     )
 
 
-def _is(ref: weakref.ref | None, version: int, x: torch.Tensor) -> bool:
-    return ref is not None and ref() is x and x._version == version
-
-
 def _learn(layer: nn.Module, x: torch.Tensor) -> None:
     """Record that `layer` read `x`; layers reading one tensor in a row become a group."""
     seen = _seen
-    if not _is(seen.learn_input, seen.learn_version, x):
+    if not same_tensor(seen.learn_input, seen.learn_version, x):
         seen.learn_input, seen.learn_version, seen.learn_layers = (
             weakref.ref(x),
             x._version,

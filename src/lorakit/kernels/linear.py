@@ -227,12 +227,17 @@ def _input_grad(grad, weight, grad_hidden, a, keep):
     return grad.mm(weight).addmm_(grad_hidden, a)
 
 
+def same_tensor(ref: weakref.ref | None, version: int, x: torch.Tensor) -> bool:
+    """Whether `ref` still points at `x` itself (a weak reference: a freed tensor's address is never
+    matched) and x is unmodified since `version` was read."""
+    return ref is not None and ref() is x and x._version == version
+
+
 def shared_keep(x: torch.Tensor, p: float) -> torch.Tensor:
     """The keep-mask of the last layer that read this very tensor (same object, unmodified, same p),
-    or a new one. A weak reference checks identity, so a freed input's address is never matched."""
+    or a new one."""
     state = _shared_mask
-    last = state["input"]() if state["input"] is not None else None
-    if last is not x or state["version"] != x._version or state["p"] != p:
+    if not same_tensor(state["input"], state["version"], x) or state["p"] != p:
         keep = _keep_mask(x.reshape(-1, x.shape[-1]), p)
         state.update(input=weakref.ref(x), version=x._version, p=p, keep=keep)
     return state["keep"]
