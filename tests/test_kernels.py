@@ -280,3 +280,27 @@ def test_cpu_autocast_bf16_runs_forward_and_backward():
     out.float().square().sum().backward()
     assert layer.lora_A["a"].weight.grad is not None and x.grad is not None
     torch.testing.assert_close(out.float(), reference(layer, x, 0).detach(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("p", [0.1, 1 / 3, 0.5, 0.999, 1e-9])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_keep_mask_is_f_dropouts_draw_and_advances_the_generator_alike(p, threads):
+    """Default dropout keeps PEFT's masks: the integer draw picks exactly the elements `F.dropout`
+    keeps for the same seed, and leaves the global generator where `F.dropout` leaves it."""
+    from lorakit.kernels.linear import _keep_mask
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.ones(3, 65, 97)
+        torch.manual_seed(11)
+        expected, expected_next = F.dropout(x, p, True) != 0, torch.rand(5)
+        torch.manual_seed(11)
+        keep, following = _keep_mask(x, p), torch.rand(5)
+    finally:
+        torch.set_num_threads(before)
+    assert keep.dtype == torch.uint8 and keep.shape == x.shape
+    assert torch.equal(keep.bool(), expected)
+    assert torch.equal(following, expected_next)
+    if p == 0.5:  # a mask that keeps everything or nothing would make this test vacuous
+        assert 0.45 < keep.float().mean().item() < 0.55

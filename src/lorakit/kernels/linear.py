@@ -19,6 +19,7 @@ separate add. The hidden may also come in ready-made from the layer's siblings (
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from .replay import InputReplay, replay_for
 
 # Off by default (PEFT's behaviour: one mask per layer). See `share_dropout_masks`.
+_TWO_53 = float(1 << 53)  # dropout draws 53 random bits per element (see _keep_mask)
 _shared_mask = {"enabled": False, "input": None, "version": -1, "p": -1.0, "keep": None}
 
 
@@ -245,9 +247,14 @@ def shared_keep(x: torch.Tensor, p: float) -> torch.Tensor:
 
 def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """The 0/1 mask (uint8: arithmetic with it runs 2-3x faster than with bool on CPU) of the
-    elements dropout keeps: the same draw as `F.dropout(x, p)`. On CPU that is `bernoulli_(1 - p)`,
-    which compares float64 uniforms from the global generator with 1 - p; drawing those with
-    `torch.rand` is the same draw (the generator advances alike) and about 20% faster."""
-    if x.is_cuda:
+    elements dropout keeps: the same draw as `F.dropout(x, p)`.
+
+    On CPU that is `bernoulli_(1 - p)`: per element, 64 random bits `v` from the global generator,
+    `u = (v mod 2^53) * 2^-53`, kept when `u < 1 - p`. `randint(0, 2^53)` draws the same `v mod 2^53`
+    (the generator advances alike), and `u < 1 - p` is `v mod 2^53 < ceil((1 - p) * 2^53)` exactly
+    (scaling by a power of two is exact). That skips the float conversion and runs about 1.8x as
+    fast as `bernoulli_` or `torch.rand(float64)`. Elsewhere the device's own dropout mask."""
+    if x.device.type != "cpu":
         return torch.native_dropout(x, p, True)[1].view(torch.uint8)
-    return torch.lt(torch.rand(x.shape, dtype=torch.float64, device=x.device), 1.0 - p).view(torch.uint8)
+    threshold = math.ceil((1.0 - p) * _TWO_53)
+    return torch.lt(torch.randint(0, 1 << 53, x.shape, device=x.device), threshold).view(torch.uint8)
