@@ -14,7 +14,7 @@ Sections (`--only` picks some):
 - `init`: `get_peft_model` with `init_lora_weights="pissa"` and `"pissa_niter_4"`, lorakit / PEFT.
 
 Usage: python benchmarks/bench_features.py [--only dropout,dora] [--reps N] [--threads T]
-       [--device cuda --dtype bfloat16 --shape gpu] [--quick] [--json PATH]
+       [--device cuda --dtype bfloat16 --shape gpu] [--keep-freed-memory] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from bench_core import (
     eval_forward,
     floor_step,
     interleaved,
+    keep_freed_memory,
     make_batch,
     ratios,
     saved_bytes,
@@ -78,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--shape", default="full", choices=list(SHAPES))
     p.add_argument("--quick", action="store_true", help="tiny model, 2 reps: a smoke run")
+    p.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="have glibc keep freed memory, so no side pays page faults at random (bench_core.keep_freed_memory)",
+    )
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     if args.quick:
@@ -297,10 +303,11 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     args = parse_args(argv)
+    kept = args.keep_freed_memory and keep_freed_memory()
     load_start, start = os.getloadavg()[0], time.perf_counter()
     results = run(args)
     results.update(wall_s=time.perf_counter() - start, load_start=load_start, load_end=os.getloadavg()[0])
-    results.update(reps=args.reps, warmup=args.warmup)
+    results.update(reps=args.reps, warmup=args.warmup, malloc="freed memory kept" if kept else "default")
     write_json(results, args.json)
 
 
