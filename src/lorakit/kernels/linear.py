@@ -27,8 +27,8 @@ from torch import nn
 
 from .replay import InputReplay, replay_for
 
+_DRAW_RANGE = 1 << 53  # dropout draws an integer below 2^53 per element (see _keep_mask)
 # Off by default (PEFT's behaviour: one mask per layer). See `share_dropout_masks`.
-_TWO_53 = float(1 << 53)  # dropout draws 53 random bits per element (see _keep_mask)
 _shared_mask = {"enabled": False, "input": None, "version": -1, "p": -1.0, "keep": None}
 
 
@@ -258,5 +258,5 @@ def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     fast as `bernoulli_` or `torch.rand(float64)`. Elsewhere the device's own dropout mask."""
     if x.device.type != "cpu":
         return torch.native_dropout(x, p, True)[1].view(torch.uint8)
-    threshold = math.ceil((1.0 - p) * _TWO_53)
-    return torch.lt(torch.randint(0, 1 << 53, x.shape, device=x.device), threshold).view(torch.uint8)
+    threshold = math.ceil((1.0 - p) * _DRAW_RANGE)
+    return torch.lt(torch.randint(0, _DRAW_RANGE, x.shape, device=x.device), threshold).view(torch.uint8)
