@@ -85,6 +85,11 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 * MIB)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def malloc_mode(keep_freed: bool) -> str:
+    """Apply `--keep-freed-memory` if asked; the malloc mode the run's header and JSON record."""
+    return "freed memory kept" if keep_freed and keep_freed_memory() else "default"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -480,11 +485,11 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run, print the table, optionally write JSON."""
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = parse_args(argv)
-    kept = args.keep_freed_memory and keep_freed_memory()
+    malloc = malloc_mode(args.keep_freed_memory)
     load_start, start = os.getloadavg()[0], time.perf_counter()
     results = run(args)
     results.update(wall_s=time.perf_counter() - start, load_start=load_start, load_end=os.getloadavg()[0])
-    results.update(malloc="freed memory kept" if kept else "default")
+    results.update(malloc=malloc)
     print(f"\n{header(results)}\n")
     print(table(results, args.lib_a if args.lib_a != "peft" else "peft (A)", "peft"))
     write_json(results, args.json)

@@ -41,8 +41,8 @@ from bench_core import (
     eval_forward,
     floor_step,
     interleaved,
-    keep_freed_memory,
     make_batch,
+    malloc_mode,
     ratios,
     saved_bytes,
     train_step,
@@ -303,11 +303,11 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore")
     args = parse_args(argv)
-    kept = args.keep_freed_memory and keep_freed_memory()
+    malloc = malloc_mode(args.keep_freed_memory)
     load_start, start = os.getloadavg()[0], time.perf_counter()
     results = run(args)
     results.update(wall_s=time.perf_counter() - start, load_start=load_start, load_end=os.getloadavg()[0])
-    results.update(reps=args.reps, warmup=args.warmup, malloc="freed memory kept" if kept else "default")
+    results.update(reps=args.reps, warmup=args.warmup, malloc=malloc)
     write_json(results, args.json)
 
 
