@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
+from ..quant import _balanced_rank_r_factors
 from .lora import Linear, LoraLayer
 
 
@@ -198,3 +199,57 @@ def dispatch_quantized(target: nn.Module) -> LoraLayer | None:
     if isinstance(target, bnb.nn.Linear8bitLt):
         return Linear8bitLt(target)
     return None
+
+
+def replace_lora_weights_loftq(
+    peft_model: nn.Module, model_path: str | None = None, adapter_name: str = "default"
+) -> int:
+    """LoftQ for an already-quantized base: set each quantized layer's LoRA factors so that
+    `dequantize(Q) + scaling * B A` is the best rank-r approximation of the original weight W.
+
+    The base Q is fixed (it is what bitsandbytes loaded), so this is one LoftQ step:
+    `scaling * B A = svd_r(W - dequantize(Q))`, singular values split evenly between A and B.
+    W is read from the `*.safetensors` files in `model_path` (default: the model's
+    `config._name_or_path`), under the key `<module name>.weight`.
+
+    Args:
+        peft_model: a `PeftModel`/`LoraModel` whose quantized layers hold adapter `adapter_name`.
+        model_path: directory of the full-precision checkpoint the quantized model was loaded from.
+
+    Returns:
+        The number of layers re-initialised.
+
+    Raises:
+        ValueError: no checkpoint directory, a weight missing from it, or no quantized LoRA layer.
+    """
+    import glob
+    import os
+
+    from safetensors import safe_open
+
+    base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    path = model_path or getattr(getattr(base_model, "config", None), "_name_or_path", None)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if path and os.path.isdir(path) else []
+    if not files:
+        raise ValueError(
+            f"replace_lora_weights_loftq: no *.safetensors checkpoint found at model_path={path!r}; pass the "
+            "directory the quantized model was loaded from."
+        )
+    layers = [m for m in base_model.modules() if isinstance(m, QuantizedLinear) and adapter_name in m.lora_A]
+    if not layers:
+        raise ValueError(
+            f"replace_lora_weights_loftq: no quantized LoRA layer holds adapter {adapter_name!r}."
+        )
+    handles = [safe_open(f, framework="pt", device="cpu") for f in files]
+    for layer in layers:
+        key = f"{layer.module_name}.weight"
+        handle = next((h for h in handles if key in h.keys()), None)
+        if handle is None:
+            raise ValueError(f"replace_lora_weights_loftq: {key!r} is not in the checkpoint at {path!r}.")
+        quantized = layer.dequantized_weight().float()
+        original = handle.get_tensor(key).to(quantized.device, torch.float32)
+        a, b = _balanced_rank_r_factors(
+            original - quantized, layer.r[adapter_name], layer.scaling[adapter_name]
+        )
+        layer.set_factors(adapter_name, a, b)
+    return len(layers)
