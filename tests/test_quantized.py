@@ -106,6 +106,17 @@ def test_dequantized_weight_reproduces_base_layer_output(saved_llama, kind):
         )
 
 
+def test_dequantized_weight_survives_bnb_cpu_repacking(saved_llama):
+    layer = q_proj(
+        get_peft_model(load_quantized(saved_llama, "nf4"), LoraConfig(r=2, target_modules=["q_proj"]))
+    )
+    before = layer.dequantized_weight()
+    layer.eval()
+    with torch.no_grad():  # on AVX512-BF16 CPUs this repacks the codes into another layout
+        layer(torch.randn(2, 64))
+    torch.testing.assert_close(layer.dequantized_weight(), before, atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 def test_merge_and_unload_requantizes_into_same_type_and_warns(saved_llama, kind):
     peft_model = get_peft_model(
