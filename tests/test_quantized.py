@@ -302,3 +302,42 @@ def test_lora_on_nf4_model_trains_base_frozen_and_outputs_follow_formula():
     with pytest.warns(UserWarning, match="requantizes"):
         merged = peft_model.merge_and_unload()
     assert isinstance(merged.model.layers[0].self_attn.q_proj, lorakit.NF4Linear)
+
+
+def test_seed_001_gptj_8bit_snippet_trains(tmp_path):
+    """Seed article 001: GPT-J loaded with load_in_8bit, prepare_model_for_kbit_training, get_peft_model."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTJConfig(n_embd=64, n_head=4, rotary_dim=8, n_layer=2, n_positions=64, vocab_size=128)
+    GPTJForCausalLM(config).save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = GPTJForCausalLM.from_pretrained(
+            tmp_path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
+        )
+    model = lorakit.prepare_model_for_kbit_training(model)
+    lora_config = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out", "wte"],
+        lora_dropout=0.1,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    lora_model = get_peft_model(model, lora_config)
+    assert isinstance(
+        lora_model.base_model.model.transformer.h[0].mlp.fc_in, lorakit.layers.quantized.Linear8bitLt
+    )
+    assert model.is_gradient_checkpointing
+    lora_model.train()
+    trainable = [p for p in lora_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = lora_model(input_ids=ids(), labels=ids()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
