@@ -341,3 +341,19 @@ def test_seed_001_gptj_8bit_snippet_trains(tmp_path):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_lorakit_works_without_importing_bitsandbytes():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, lorakit\n"
+        "model = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
+        "lorakit.get_peft_model(model, lorakit.LoraConfig(r=2, target_modules=['0']))\n"
+        "lorakit.get_peft_model(lorakit.quantize_model_nf4(torch.nn.Sequential(torch.nn.Linear(64, 8))),"
+        " lorakit.LoraConfig(r=2, target_modules=['0']))\n"
+        "assert 'bitsandbytes' not in sys.modules, 'bitsandbytes was imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
