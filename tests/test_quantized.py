@@ -239,7 +239,10 @@ def test_replace_lora_weights_loftq_brings_4bit_model_closer_to_full_precision(s
     config = LoraConfig(r=8, lora_alpha=8, target_modules="all-linear")
     plain = get_peft_model(load_quantized(saved_llama, "nf4"), config)
     loftq = get_peft_model(load_quantized(saved_llama, "nf4"), config)
-    assert lorakit.replace_lora_weights_loftq(loftq) == 14
+    assert lorakit.replace_lora_weights_loftq(loftq) == 14  # from config._name_or_path
+    again = get_peft_model(load_quantized(saved_llama, "nf4"), config)
+    lorakit.replace_lora_weights_loftq(again, model_path=f"{saved_llama}/model.safetensors")
+    torch.testing.assert_close(logits(again), logits(loftq))
     plain_error = (logits(plain) - reference).pow(2).mean()
     loftq_error = (logits(loftq) - reference).pow(2).mean()
     assert loftq_error < 0.8 * plain_error

@@ -209,12 +209,13 @@ def replace_lora_weights_loftq(
 
     The base Q is fixed (it is what bitsandbytes loaded), so this is one LoftQ step:
     `scaling * B A = svd_r(W - dequantize(Q))`, singular values split evenly between A and B.
-    W is read from the `*.safetensors` files in `model_path` (default: the model's
-    `config._name_or_path`), under the key `<module name>.weight`.
+    W is read from `model_path`, a `.safetensors` file (as PEFT takes it) or a directory of them
+    (default: the model's `config._name_or_path`), under the key `<module name>.weight`. Unlike
+    PEFT 0.21.2's function of this name, which needs CUDA, this runs on any device.
 
     Args:
         peft_model: a `PeftModel`/`LoraModel` whose quantized layers hold adapter `adapter_name`.
-        model_path: directory of the full-precision checkpoint the quantized model was loaded from.
+        model_path: the full-precision checkpoint the quantized model was loaded from (file or directory).
 
     Returns:
         The number of layers re-initialised.
@@ -229,7 +230,10 @@ def replace_lora_weights_loftq(
 
     base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     path = model_path or getattr(getattr(base_model, "config", None), "_name_or_path", None)
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if path and os.path.isdir(path) else []
+    if path and os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if path and os.path.isdir(path) else []
     if not files:
         raise ValueError(
             f"replace_lora_weights_loftq: no *.safetensors checkpoint found at model_path={path!r}; pass the "
