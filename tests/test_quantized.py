@@ -118,17 +118,23 @@ def test_dequantized_weight_survives_bnb_cpu_repacking(saved_llama):
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_merge_and_unload_requantizes_into_same_type_and_warns(saved_llama, kind):
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_and_unload_requantizes_into_same_type_and_warns(saved_llama, kind, use_dora):
+    torch.manual_seed(0)
     peft_model = get_peft_model(
         load_quantized(saved_llama, kind),
-        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=use_dora),
     )
+    with torch.no_grad():  # a trained-sized change (smaller than W), so W + delta keeps W's scale
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.01)
     layer = q_proj(peft_model)
     unmerged = logits(peft_model)
     with torch.no_grad():  # after the inference forward, which may repack bnb's CPU 4-bit codes
         target = layer.dequantized_weight() + layer.get_delta_weight("default")
     with pytest.warns(UserWarning, match="requantizes"):
-        merged_model = peft_model.merge_and_unload()
+        merged_model = peft_model.merge_and_unload(safe_merge=True)
     merged_layer = merged_model.model.layers[0].self_attn.q_proj
     assert type(merged_layer) is type(layer.base_layer)
     if kind == "nf4":  # the merged codes are exactly bnb's quantization of W + delta
@@ -151,6 +157,7 @@ def test_merge_and_unload_requantizes_into_same_type_and_warns(saved_llama, kind
 
 
 def test_merge_then_unmerge_adapter_restores_output_within_rounding(saved_llama):
+    torch.manual_seed(0)
     peft_model = get_peft_model(
         load_quantized(saved_llama, "int8"),
         LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
