@@ -6,7 +6,9 @@ in the other.
 
 from .bottleneck_config import BottleneckConfig
 from .config import LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
+from .layers.quantized import replace_lora_weights_loftq
 from .model import LoraModel
+from .nf4 import NF4Linear, quantize_model_nf4
 from .optimizers import create_loraplus_optimizer
 from .peft_model import (
     PeftModel,
@@ -29,6 +31,7 @@ __all__ = [
     "LoftQConfig",
     "LoraConfig",
     "LoraModel",
+    "NF4Linear",
     "PeftConfig",
     "PeftModel",
     "PeftModelForCausalLM",
@@ -43,5 +46,7 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "prepare_model_for_kbit_training",
+    "quantize_model_nf4",
+    "replace_lora_weights_loftq",
     "set_peft_model_state_dict",
 ]

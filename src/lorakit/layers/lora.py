@@ -8,6 +8,7 @@ picks parameters out of `named_parameters()` by these names.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -401,7 +402,7 @@ class Embedding(LoraLayer):
             warnings.warn(
                 f"lora_dropout={config.lora_dropout} has no effect on Embedding {self.module_name!r}: "
                 "token ids cannot be dropped out.",
-                stacklevel=5,
+                stacklevel=4,
             )
         num, dim = self.base_layer.weight.shape
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, num, **factory))
@@ -510,11 +511,24 @@ def _conv_class(base: nn.Module) -> type[nn.Module]:
 
 
 def create_lora_layer(target: nn.Module, config: LoraConfig, name: str) -> LoraLayer:
-    """Wrap `target` in the LoRA layer for its type (no adapter added yet).
+    """Wrap `target` in the LoRA layer for its type (no adapter added yet): the first dispatcher
+    that recognises it wins (quantized linear layers first: they subclass nn.Linear).
 
     Raises:
         ValueError: `target` is not a layer type LoRA supports.
     """
+    from .quantized import dispatch_quantized
+
+    for dispatch in (dispatch_quantized, functools.partial(_dispatch_plain, config=config, name=name)):
+        layer = dispatch(target)
+        if layer is not None:
+            layer.module_name = name
+            return layer
+    raise ValueError(f"{name!r} is a {type(target).__name__}, which LoRA cannot adapt.")
+
+
+def _dispatch_plain(target: nn.Module, config: LoraConfig, name: str) -> LoraLayer | None:
+    """LoRA layers for torch's own layer types and transformers' Conv1D; None for anything else."""
     if isinstance(target, nn.Embedding):
         layer: LoraLayer = Embedding(target)
     elif isinstance(target, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -523,7 +537,7 @@ def create_lora_layer(target: nn.Module, config: LoraConfig, name: str) -> LoraL
         if config.fan_in_fan_out:
             warnings.warn(
                 f"fan_in_fan_out=True, but {name!r} is an nn.Linear (weight stored (out, in)); using False.",
-                stacklevel=4,
+                stacklevel=5,
             )
             config.fan_in_fan_out = False
         layer = Linear(target, fan_in_fan_out=False)
@@ -531,11 +545,10 @@ def create_lora_layer(target: nn.Module, config: LoraConfig, name: str) -> LoraL
         if not config.fan_in_fan_out:
             warnings.warn(
                 f"{name!r} is a transformers Conv1D (weight stored (in, out)); setting fan_in_fan_out=True.",
-                stacklevel=4,
+                stacklevel=5,
             )
             config.fan_in_fan_out = True
         layer = Linear(target, fan_in_fan_out=True)
     else:
-        raise ValueError(f"{name!r} is a {type(target).__name__}, which LoRA cannot adapt.")
-    layer.module_name = name
+        return None
     return layer
