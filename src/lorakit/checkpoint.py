@@ -28,6 +28,8 @@ from .layers.lora import Embedding, LoraLayer
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+# The attribute FSDP1 (FullyShardedDataParallel) wraps a module under; it is no part of a file key.
+FSDP1_WRAPPED = "_fsdp_wrapped_module"
 # Embedding layers whose full base weight PEFT saves with the adapter when they are targeted
 # (`save_embedding_layers="auto"`): their rows may have been resized or retrained.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -54,7 +56,8 @@ def adapter_slots(
     """
     slots: dict[str, Slot] = {}
     adapted_bias_owners: set[str] = set()
-    for path, module in model.named_modules():
+    for wrapped_path, module in model.named_modules():
+        path = _unwrapped(wrapped_path)
         if isinstance(module, LoraLayer) and adapter_name in module.r:
             for key, tensor in _lora_tensors(module, adapter_name):
                 slots[f"{PREFIX}{path}.{key}"] = Slot(tensor, required=True)
@@ -78,6 +81,24 @@ def adapter_slots(
         for name, tensor in _all_biases(model, adapter_name):
             slots.setdefault(f"{PREFIX}{name}", Slot(tensor, required=False))
     return slots
+
+
+def _unwrapped(path: str) -> str:
+    """`path` without FSDP1's wrapper attribute: `layers.0._fsdp_wrapped_module.mlp` -> `layers.0.mlp`."""
+    return ".".join(part for part in path.split(".") if part != FSDP1_WRAPPED)
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with every FSDP2 shard (DTensor) gathered into its full tensor on the CPU.
+
+    Gathering is a collective: every rank must call this with the same keys, in the same order.
+    """
+    from torch.distributed.tensor import DTensor
+
+    return {
+        key: tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor
+        for key, tensor in tensors.items()
+    }
 
 
 def _lora_tensors(layer: LoraLayer, adapter_name: str) -> Iterator[tuple[str, torch.Tensor]]:

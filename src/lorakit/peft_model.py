@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from .bottleneck_config import BottleneckConfig
-from .checkpoint import adapter_slots, check_fits, copy_into, read_adapter_weights, save_adapter_files
+from .checkpoint import (
+    adapter_slots,
+    check_fits,
+    copy_into,
+    full_tensors,
+    read_adapter_weights,
+    save_adapter_files,
+)
 from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, TaskType, bias_mode
 from .layers.lora import Embedding
 from .model import LoraModel
@@ -198,7 +205,8 @@ class PeftModel(nn.Module):
             selected_adapters: adapters to save (default: all).
             save_embedding_layers: also save the full weight of targeted `embed_tokens`/`lm_head`
                 layers; "auto" does so when such a layer is a target (PEFT's rule).
-            is_main_process: write nothing when False (the other ranks of a distributed run).
+            is_main_process: write nothing when False (the other ranks of a distributed run; under
+                FSDP2 every rank must still call this, since it gathers the shards).
             path_initial_model_for_weight_conversion: the folder where this adapter was saved right
                 after a PiSSA/OLoRA init. The adapter is then written as a plain LoRA of rank 2r
                 relative to the *original* base weights, so it loads on the untouched base model.
@@ -212,14 +220,15 @@ class PeftModel(nn.Module):
             raise ValueError(
                 f"selected_adapters {unknown} do not exist; this model has {list(self.peft_config)}."
             )
-        if not is_main_process:
-            return
         for name in names:
             config = self.peft_config[name]
             folder = str(save_directory) if name == "default" else os.path.join(str(save_directory), name)
             embed = self._saves_embeddings(name, save_embedding_layers)
             slots = adapter_slots(self.get_base_model(), name, bias_mode(config), embed)
-            tensors = {key: slot.tensor for key, slot in slots.items()}
+            # gathering FSDP2 shards is a collective: every rank takes part, then only one writes
+            tensors = full_tensors({key: slot.tensor for key, slot in slots.items()})
+            if not is_main_process:
+                continue
             if path_initial_model_for_weight_conversion is not None:
                 tensors, config = _convert_mutated_init(
                     tensors, config, str(path_initial_model_for_weight_conversion)
@@ -474,11 +483,14 @@ def _forward_with_signature_of(model: nn.Module):
 
 
 def get_peft_model_state_dict(model: PeftModel, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors `save_pretrained` would write for `adapter_name`, under PEFT's file keys."""
+    """The tensors `save_pretrained` would write for `adapter_name`, under PEFT's file keys.
+
+    FSDP2-sharded (DTensor) parameters come back whole, so every rank must call this.
+    """
     config = model.peft_config[adapter_name]
     embed = model._saves_embeddings(adapter_name, "auto")
     slots = adapter_slots(model.get_base_model(), adapter_name, bias_mode(config), embed)
-    return {key: slot.tensor.detach() for key, slot in slots.items()}
+    return full_tensors({key: slot.tensor.detach() for key, slot in slots.items()})
 
 
 def set_peft_model_state_dict(
