@@ -99,3 +99,15 @@ def tiny_bert_recipe(**overrides) -> dict:
     }
     recipe.update(overrides)
     return recipe
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory) -> str:
+    """The folder of a seeded full-precision tiny Llama 64 wide (`quantized_helpers.CONFIG`), for
+    loading through bitsandbytes."""
+    from .quantized_helpers import CONFIG
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(directory)
+    return str(directory)

@@ -13,38 +13,9 @@ import lorakit
 from lorakit import LoraConfig, get_peft_model
 from lorakit.layers.quantized import QuantizedLinear
 
+from .quantized_helpers import CONFIG, load_quantized, train_losses
+
 bnb = pytest.importorskip("bitsandbytes")
-
-QUANT = {
-    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
-    "int8": dict(load_in_8bit=True),
-}
-# bnb's CPU 4-bit kernels need in_features >= the 64-value block, so the model is 64 wide
-CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-)
-
-
-@pytest.fixture(scope="module")
-def saved_llama(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(directory)
-    return str(directory)
-
-
-def load_quantized(path: str, kind: str) -> LlamaForCausalLM:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LlamaForCausalLM.from_pretrained(
-            path, quantization_config=BitsAndBytesConfig(**QUANT[kind]), device_map="cpu"
-        )
 
 
 def ids() -> torch.Tensor:
@@ -341,15 +312,7 @@ def test_seed_001_gptj_8bit_snippet_trains(tmp_path):
     )
     assert model.is_gradient_checkpointing
     lora_model.train()
-    trainable = [p for p in lora_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = lora_model(input_ids=ids(), labels=ids()).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_losses(lora_model, ids)
     assert losses[-1] < losses[0]
 
 

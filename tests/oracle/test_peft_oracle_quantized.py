@@ -2,46 +2,17 @@
 the same LoRA/DoRA weights, the same outputs; files load both ways; prepare_model_for_kbit_training
 changes the same things."""
 
-import warnings
-
 import pytest
 import torch
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import lorakit
+
+from ..quantized_helpers import load_quantized
 
 peft = pytest.importorskip("peft")
 bnb = pytest.importorskip("bitsandbytes")
 
-QUANT = {
-    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-    "int8": dict(load_in_8bit=True),
-}
-CONFIG = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=128,
-)
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def saved_llama(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(LlamaConfig(**CONFIG)).save_pretrained(directory)
-    return str(directory)
-
-
-def load_quantized(path: str, kind: str, dtype: torch.dtype | None = None) -> LlamaForCausalLM:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return LlamaForCausalLM.from_pretrained(
-            path, quantization_config=BitsAndBytesConfig(**QUANT[kind]), device_map="cpu", dtype=dtype
-        )
 
 
 def logits(model, training: bool = True) -> torch.Tensor:
