@@ -17,7 +17,13 @@ from tqdm.auto import tqdm
 from .bottleneck_config import BottleneckConfig
 from .bottleneck_injection import inject_bottleneck
 from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, bias_mode
-from .layers.base import BASE_ADAPTER_NAME, AdapterLayer, ModulesToSaveWrapper
+from .layers.base import (
+    BASE_ADAPTER_NAME,
+    AdapterLayer,
+    ModulesToSaveWrapper,
+    bind_sample_adapters,
+    running_sample_adapters,
+)
 from .layers.bottleneck import BottleneckLayer
 from .layers.lora import LoraLayer, create_lora_layer, is_gpt2_conv1d
 from .replication import replicate_layers
@@ -73,6 +79,8 @@ class LoraModel(nn.Module):
     def per_sample_adapters(self, adapter_names: list[str] | None) -> Iterator[None]:
         """Within the block every adapted layer gives sample i adapter `adapter_names[i]` alone
         (`"__base__"`: the base model), in training as in inference; None changes nothing.
+        The names hold for this thread's call only (other threads may run other names at once),
+        and for the recomputation of layers checkpointed by transformers' gradient checkpointing.
 
         The active set is ignored for such a batch; an adapter trains on its samples if its
         parameters require grad (`set_adapter` on all the names makes them trainable).
@@ -105,13 +113,12 @@ class LoraModel(nn.Module):
                 f"Adapters are merged into {merged[0]!r} (and {len(merged) - 1} more modules); a mixed batch "
                 "(adapter_names=) needs unmerged adapters: call unmerge_adapter() first."
             )
-        for layer in layers:
-            layer.sample_adapters = names
-        try:
+        for module in self.model.modules():  # transformers' activation checkpointing
+            checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+            if checkpoint is not None:
+                module._gradient_checkpointing_func = bind_sample_adapters(checkpoint)
+        with running_sample_adapters({id(layer): names for layer in layers}):
             yield
-        finally:
-            for layer in layers:
-                layer.sample_adapters = None
 
     def __getattr__(self, name: str):
         try:

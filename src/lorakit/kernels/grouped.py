@@ -41,8 +41,10 @@ class _Seen(threading.local):
         self.learn_layers: list[weakref.ref] = []
         self.pending_input: weakref.ref | None = None
         self.pending_version = -1
-        # id(layer) -> (weak reference to the layer, its hidden for the pending input)
-        self.pending: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+        self.pending_mode: tuple[bool, bool] = (False, False)  # grad mode, inference mode
+        # id(layer) -> (weak reference to the layer, its hidden for the pending input, the stamp of
+        # what the hidden was computed from (`_stamp`), its A: held so that id(A) stays unique)
+        self.pending: dict[int, tuple[weakref.ref, torch.Tensor, tuple, torch.Tensor]] = {}
 
 
 _seen = _Seen()
@@ -50,23 +52,33 @@ _seen = _Seen()
 _groups: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref, ...]] = weakref.WeakKeyDictionary()
 
 
-def sibling_hidden(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+def sibling_hidden(
+    layer: nn.Module, x: torch.Tensor, spec: tuple[torch.Tensor, float, float]
+) -> torch.Tensor | None:
     """`layer`'s hidden `s A x` (N, r) computed together with its siblings', or None: run alone.
+
+    A hidden left by a sibling is used only if it was computed from this very `x` (unmodified), in
+    the same grad and inference mode, from the same A (same tensor, version, dtype, device and
+    requires_grad), scaling and dropout p as `spec` says now; else the layer runs alone.
 
     Args:
         layer: an adapted linear layer whose `_group_spec(x)` returns `(weight_a, scaling, dropout_p)`
             of its first active adapter, or None when it cannot be grouped now.
-        x: the layer input, (..., in_features).
+        x: the layer input, (..., in_features). An inference tensor (no version counter, so an
+            in-place change could not be seen) is never grouped.
+        spec: `layer._group_spec(x)`, which the caller has just computed (not None).
     """
-    if torch.compiler.is_compiling() or checkpointing():
+    if torch.compiler.is_compiling() or x.is_inference() or checkpointing():
         return None
     seen = _seen
     if seen.pending and same_tensor(seen.pending_input, seen.pending_version, x):
         left = seen.pending.pop(id(layer), None)
         if left is not None:
-            return left[1]
+            if seen.pending_mode == _mode() and left[2] == _stamp(spec):
+                return left[1]
+            return None
     if seen.pending:  # hiddens computed for another input went unused: not siblings after all
-        for ref, _ in seen.pending.values():
+        for ref, *_ in seen.pending.values():
             _forget(ref())
         seen.pending = {}
     group = _groups.get(layer)
@@ -82,13 +94,23 @@ def sibling_hidden(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     keep = shared_keep(x, p) if p > 0 else None
     hiddens = grouped_projection(x, [spec[0] for spec in specs], [spec[1] for spec in specs], p, keep)
-    seen.pending_input, seen.pending_version = weakref.ref(x), x._version
+    seen.pending_input, seen.pending_version, seen.pending_mode = weakref.ref(x), x._version, _mode()
     seen.pending = {
-        id(member): (weakref.ref(member), hidden)
-        for member, hidden in zip(members, hiddens, strict=True)
+        id(member): (weakref.ref(member), hidden, _stamp(member_spec), member_spec[0])
+        for member, hidden, member_spec in zip(members, hiddens, specs, strict=True)
         if member is not layer
     }
     return hiddens[members.index(layer)]
+
+
+def _mode() -> tuple[bool, bool]:
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+
+def _stamp(spec: tuple[torch.Tensor, float, float]) -> tuple:
+    """What a member's hidden depends on besides x: its A (identity and state), scaling and p."""
+    a, scaling, p = spec
+    return id(a), a._version, a.dtype, a.device, a.requires_grad, scaling, p
 
 
 def grouped_projection(

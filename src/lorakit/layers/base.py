@@ -7,13 +7,89 @@ adapter, compute its weight change and run its forward.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import functools
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
 BASE_ADAPTER_NAME = "__base__"  # a per-sample adapter name meaning "no adapter"
+
+
+class _CallState(threading.local):
+    """Per-thread, per-call state: {id(layer): one adapter name per sample} while mixed batches run.
+
+    Never a module attribute: threads share modules, and checkpoint recomputation runs after the
+    call has returned (see `bind_sample_adapters`). Replaced, never changed in place, so a captured
+    mapping stays as it was."""
+
+    def __init__(self) -> None:
+        self.sample_adapters: dict[int, list[str]] = {}
+
+
+_call = _CallState()
+
+
+def sample_adapters_of(module: nn.Module) -> list[str] | None:
+    """The per-sample adapter names `module` runs with in this thread's current call, or None."""
+    mapping = _call.sample_adapters
+    return mapping.get(id(module)) if mapping else None
+
+
+@contextlib.contextmanager
+def running_sample_adapters(mapping: dict[int, list[str]]) -> Iterator[None]:
+    """Within the block (this thread only), the module with id k gives sample i `mapping[k][i]`."""
+    previous = _call.sample_adapters
+    _call.sample_adapters = {**previous, **mapping} if previous else dict(mapping)
+    try:
+        yield
+    finally:
+        _call.sample_adapters = previous
+
+
+def bind_sample_adapters(checkpoint: Callable) -> Callable:
+    """Wrap an activation-checkpointing function (transformers' `_gradient_checkpointing_func`) so
+    the function it checkpoints runs with the per-sample adapters of the call that checkpointed it,
+    in its forward and again in its recomputation during backward (reentrant or not), which happens
+    after that call has returned and possibly on another thread."""
+    if getattr(checkpoint, "binds_sample_adapters", False):
+        return checkpoint
+
+    @functools.wraps(checkpoint)
+    def checkpoint_with_sample_adapters(function: Callable, *args, **kwargs):
+        mapping = _call.sample_adapters
+        if mapping:
+            function = functools.partial(_run_with, mapping, function)
+        return checkpoint(function, *args, **kwargs)
+
+    checkpoint_with_sample_adapters.binds_sample_adapters = True
+    return checkpoint_with_sample_adapters
+
+
+def _run_with(mapping: dict[int, list[str]], function: Callable, *args, **kwargs):
+    previous = _call.sample_adapters
+    _call.sample_adapters = mapping
+    try:
+        return function(*args, **kwargs)
+    finally:
+        _call.sample_adapters = previous
+
+
+class _SampleAdapters:
+    """`module.sample_adapters`: this thread's per-sample names for the module (see `_CallState`);
+    setting it (a list, or None to clear) affects only the current thread."""
+
+    def __get__(self, module, owner=None):
+        return self if module is None else sample_adapters_of(module)
+
+    def __set__(self, module, names: list[str] | None) -> None:
+        mapping = {k: v for k, v in _call.sample_adapters.items() if k != id(module)}
+        if names is not None:
+            mapping[id(module)] = list(names)
+        _call.sample_adapters = mapping
 
 
 class AdapterLayer(nn.Module):
@@ -28,6 +104,8 @@ class AdapterLayer(nn.Module):
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
     supports_mixed_batches = False  # True where forward honours `sample_adapters`
+    # one adapter name per sample while this thread runs a mixed batch (`adapter_names=`), else None
+    sample_adapters = _SampleAdapters()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -37,8 +115,6 @@ class AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.frozen_adapters: set[str] = set()  # adapters in inference mode never train
         self.module_name = ""  # set by the model, used in error messages
-        # one adapter name per sample while the model runs a mixed batch (`adapter_names=`), else None
-        self.sample_adapters: list[str] | None = None
 
     def get_base_layer(self) -> nn.Module:
         """The original module this layer wraps."""
@@ -211,6 +287,7 @@ class ModulesToSaveWrapper(nn.Module):
     """
 
     supports_mixed_batches = True
+    sample_adapters = _SampleAdapters()  # see AdapterLayer.sample_adapters
 
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
@@ -219,7 +296,6 @@ class ModulesToSaveWrapper(nn.Module):
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.frozen_adapters: set[str] = set()
-        self.sample_adapters: list[str] | None = None  # see AdapterLayer.sample_adapters
         self.add_copy(adapter_name)
 
     def add_copy(self, adapter_name: str) -> None:
@@ -260,7 +336,8 @@ class ModulesToSaveWrapper(nn.Module):
         return self.original_module
 
     def forward(self, *args, **kwargs):
-        if self.sample_adapters is None or self._disable_adapters:
+        names = sample_adapters_of(self)
+        if names is None or self._disable_adapters:
             return self.current_module()(*args, **kwargs)
         if not args:
             raise ValueError(
@@ -273,7 +350,7 @@ class ModulesToSaveWrapper(nn.Module):
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
             return module(x[index], *rest, **kwargs)
 
-        return per_sample(self.sample_adapters, x, run, type(self.original_module).__name__)
+        return per_sample(names, x, run, type(self.original_module).__name__)
 
     def __getattr__(self, name: str):
         try:
@@ -300,8 +377,8 @@ def per_sample(
     """
     batch = x.shape[0]
     positions = group_positions(names, batch, where)
-    if len(positions) == 1:
-        return run(names[0], slice(None))
+    if len(positions) <= 1:  # one adapter, or an empty batch (which keeps its shape, as PEFT)
+        return run(names[0] if names else BASE_ADAPTER_NAME, slice(None))
     if is_contiguous(positions):  # blocks of samples per adapter: slices are views, no gather needed
         groups = sorted(positions.items(), key=lambda item: item[1][0])
         return torch.cat([run(name, slice(p[0], p[-1] + 1)) for name, p in groups])

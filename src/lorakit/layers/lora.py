@@ -13,12 +13,21 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from .. import kernels
 from ..config import LoraConfig
 from ..targeting import TargetPlan
-from .base import AdapterLayer, group_positions, is_contiguous, per_sample, sample_runs
+from .base import (
+    AdapterLayer,
+    group_positions,
+    is_contiguous,
+    per_sample,
+    sample_adapters_of,
+    sample_runs,
+)
 from .dora import MagnitudeVector, dora_factor, row_norm
 
 
@@ -232,8 +241,9 @@ class LoraLayer(AdapterLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The base output plus every active adapter's; with `sample_adapters` set (a mixed
         batch), each sample gets only its own adapter, in training too."""
-        if self.sample_adapters is not None:
-            return self._forward_mixed(x, self.sample_adapters, *args, **kwargs)
+        names = sample_adapters_of(self)
+        if names is not None:
+            return self._forward_mixed(x, names, *args, **kwargs)
         if self._use_base_only():
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
@@ -307,13 +317,11 @@ class Linear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """As `LoraLayer.forward`; a plain base layer and its first adapter run as one fused node."""
-        if args or kwargs or self.sample_adapters is not None or not self._plain_base():
+        first = None if args or kwargs else self._fused_adapter()
+        if first is None:
             return super().forward(x, *args, **kwargs)
-        names = [] if self._use_base_only() else self._active_here()
-        if not names:
-            return self.base_layer(x)
-        first = names[0]
         a, b = self.lora_A[first].weight, self.lora_B[first]
+        spec = self._spec(first, x)
         result = kernels.linear_with_adapter(
             x,
             self._base_rows(),
@@ -324,49 +332,88 @@ class Linear(LoraLayer):
             self._dora_factor(first) if self.use_dora[first] else None,
             self.scaling[first],
             self.lora_dropout[first],
-            kernels.sibling_hidden(self, x),
+            None if spec is None else kernels.sibling_hidden(self, x, spec),
         )
-        for name in names[1:]:
+        for name in self._active_here()[1:]:
             result = self._add_adapter(name, result, x)
         return result
 
-    def _group_spec(self, x: torch.Tensor) -> tuple[torch.Tensor, float, float] | None:
-        """`(A, scaling, dropout p)` of the first active adapter when a group of layers reading `x`
-        may compute its hidden (`kernels.grouped`): the fused path applies and nothing is merged,
-        disabled or mixed; else None."""
-        if (
-            self.sample_adapters is not None
-            or self.merged
-            or self._disable_adapters
-            or not self._plain_base()
-        ):
+    def _fused_adapter(self) -> str | None:
+        """The first active adapter when this call may take the fused path (base and that adapter
+        in one node, grouped with siblings), or None: step aside to `LoraLayer.forward`. It steps
+        aside for a mixed batch, merged or disabled adapters, a base that is not a plain unhooked
+        linear layer, and whatever `_kernels_exact` refuses."""
+        if sample_adapters_of(self) is not None or self.merged or self._disable_adapters:
             return None
         names = self._active_here()
-        if not names:
+        if not names or not self._plain_base() or not self._kernels_exact(names[0]):
             return None
-        first = names[0]
-        a = self.lora_A[first].weight
-        p = kernels.drop_probability(self.lora_dropout[first])
-        if not kernels.fusable(x, self.base_layer.weight.dtype, a) or (p > 0 and self.use_dora[first]):
+        return names[0]
+
+    def _kernels_exact(self, name: str) -> bool:
+        """Whether the kernels may compute adapter `name` from its weights directly: they never call
+        `lora_A`, `lora_B`, `lora_dropout` or the base layer, and a group computes every member's
+        hidden at the first member's call. So any hook (forward, pre-forward, backward, global) or
+        instance-level `forward` on those modules or on this layer sends the adapter to
+        `_add_by_modules`, which calls them as PEFT does."""
+        if _global_hooks():
+            return False
+        modules = (self, self.base_layer, self.lora_A[name], self.lora_B[name], self.lora_dropout[name])
+        return not any(map(_hooked, modules))
+
+    def _spec(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, float, float] | None:
+        """`(A, scaling, dropout p)` of adapter `name` when the fused kernel takes `x` (else None)."""
+        a = self.lora_A[name].weight
+        p = kernels.drop_probability(self.lora_dropout[name])
+        if not kernels.fusable(x, self.base_layer.weight.dtype, a) or (p > 0 and self.use_dora[name]):
             return None
-        return a, self.scaling[first], p
+        return a, self.scaling[name], p
+
+    def _group_spec(self, x: torch.Tensor) -> tuple[torch.Tensor, float, float] | None:
+        """`(A, scaling, dropout p)` of the first active adapter when a group of layers reading `x`
+        may compute its hidden (`kernels.grouped`): the fused path applies (`_fused_adapter`) and the
+        kernel takes x; else None."""
+        first = self._fused_adapter()
+        return None if first is None else self._spec(first, x)
 
     def _plain_base(self) -> bool:
-        """True when the base layer is an unhooked nn.Linear or Conv1D, whose forward is exactly
-        `x W^T + b`, so the kernel may compute it itself (hooks must still see their call)."""
+        """True when the base layer is an nn.Linear or Conv1D, whose forward is exactly `x W^T + b`,
+        so the kernel may compute it itself (its hooks are `_kernels_exact`'s concern)."""
         base = self.base_layer
-        plain = type(base) is nn.Linear or is_gpt2_conv1d(base)
-        hooks = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)
-        return plain and not any(hooks)
+        return type(base) is nn.Linear or is_gpt2_conv1d(base)
+
+    def _add_by_modules(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Adapter `name`'s contribution by calling `lora_dropout`, `lora_A` and `lora_B` (their
+        hooks run): `result + scaling * lora_B(lora_A(dropout(x)))`, or DoRA's form of it."""
+        lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        scaling = self.scaling[name]
+        dropped = dropout(x.to(lora_a.weight.dtype))
+        lora = lora_b(lora_a(dropped)) * scaling
+        if not self.use_dora[name]:
+            return result + lora.to(result.dtype)
+        factor = self._dora_factor(name)
+        bias = self.base_layer.bias
+        if kernels.drop_probability(dropout) > 0:
+            base_wx = F.linear(dropped.to(result.dtype), self._base_rows())
+        else:
+            base_wx = result if bias is None else result - bias
+        return result + ((factor - 1) * base_wx.to(factor.dtype) + factor * lora).to(result.dtype)
 
     def _add_in_place(self, name: str, result: torch.Tensor, x: torch.Tensor) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name]
-        if self.use_dora[name] or not result.is_contiguous() or not kernels.fusable(x, result.dtype, a):
+        if (
+            self.use_dora[name]
+            or not result.is_contiguous()
+            or not kernels.fusable(x, result.dtype, a)
+            or not self._kernels_exact(name)
+        ):
             super()._add_in_place(name, result, x)
             return
         kernels.add_lora_linear_(result, x, a, b.weight, b.bias, self.scaling[name])
 
     def _add_adapter(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self._kernels_exact(name):
+            return self._add_by_modules(name, result, x)
         a, b = self.lora_A[name].weight, self.lora_B[name]
         if self.use_dora[name]:
             return kernels.add_dora_linear(
@@ -500,6 +547,27 @@ class Conv(LoraLayer):
         return kernels.add_lora_conv(
             result, x, a, b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
         )
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run more than its class's forward: hooks or a patched forward."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+    )
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks registered for every module (`register_module_forward_hook`, ...) exist."""
+    return bool(
+        module_hooks._global_forward_hooks
+        or module_hooks._global_forward_pre_hooks
+        or module_hooks._global_backward_hooks
+        or module_hooks._global_backward_pre_hooks
+    )
 
 
 def _is_data_driven(init: bool | str) -> bool:
