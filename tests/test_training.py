@@ -268,3 +268,12 @@ def test_the_progress_bar_shows_steps_loss_and_speed(tmp_path, capsys):
     assert "train: 100%" in bar and "6/6" in bar
     assert "loss=" in bar and "lr=" in bar
     assert "step/s" in bar or "s/step" in bar
+
+
+def test_train_is_importable_from_lorakit_training_as_the_readme_documents():
+    from lorakit.training import train
+    from lorakit.training.run import train as runner
+
+    assert train is runner
+    with pytest.raises(TypeError):
+        train({}, {})  # overrides and everything after recipe are keyword-only
