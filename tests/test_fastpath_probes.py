@@ -180,3 +180,30 @@ def test_layouts_whose_mask_the_fused_path_draws_stay_fused(layout):
     out = layer_of(ours).self_attn.q_proj(make(torch.randn(*shape, requires_grad=True)))
     assert type(out.grad_fn).__name__ == "ViewBackward0"
     assert type(out.grad_fn.next_functions[0][0]).__name__ == "LoraLinearFunctionBackward"
+
+
+def twice_with_retained_graph(model) -> list[torch.Tensor]:
+    """One forward through q_proj backpropagated twice, the graph retained the first time."""
+    layer = layer_of(model)
+    out = layer.self_attn.q_proj(layer.input_layernorm(hidden())).square().sum()
+    params = lora_params(layer.self_attn.q_proj)
+    out.backward(retain_graph=True, inputs=params)
+    out.backward(inputs=params)
+    return [p.grad for p in params]
+
+
+def test_a_retained_graph_backpropagated_twice_gets_pefts_gradients():
+    ours, theirs = twins()
+    assert_same_grads(twice_with_retained_graph(ours), twice_with_retained_graph(theirs))
+
+
+def test_a_factor_changed_in_place_after_the_forward_is_an_error_naming_the_fix():
+    """PEFT's saved input would hide the change; the rebuild would silently use the new value."""
+    ours, _ = twins()
+    layer = layer_of(ours)
+    h = hidden() * 1.0
+    out = layer.self_attn.q_proj(layer.input_layernorm(h))
+    with torch.no_grad():
+        h.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"modified in place after that layer's forward.*clone"):
+        out.sum().backward(inputs=lora_params(layer.self_attn.q_proj))
