@@ -16,6 +16,7 @@ from .grouped import forget_groups, sibling_hidden
 from .linear import (
     LoraLinearFunction,
     drop_probability,
+    dropout_fusable,
     fusable,
     fused_linear,
     masks_shared,
@@ -69,7 +70,7 @@ def linear_with_adapter(
             None, x, base_weight, base_bias, None, weight_b, bias_b, factor, scaling, 0.0, hidden
         )
     p = drop_probability(dropout)
-    if fusable(x, base_weight.dtype, weight_a) and not (factor is not None and p > 0):
+    if fusable(x, base_weight.dtype, weight_a) and (p == 0 or (factor is None and dropout_fusable(x, p))):
         return fused_linear(None, x, base_weight, base_bias, weight_a, weight_b, bias_b, factor, scaling, p)
     result = F.linear(x, base_weight, base_bias)
     if factor is not None:
@@ -97,8 +98,8 @@ def add_lora_linear(
         scaling: alpha / r (or alpha / sqrt(r)).
         dropout: applied to `x` on the adapter path only.
     """
-    if fusable(x, result.dtype, weight_a):
-        p = drop_probability(dropout)
+    p = drop_probability(dropout)
+    if fusable(x, result.dtype, weight_a) and dropout_fusable(x, p):
         return fused_linear(result, x, None, None, weight_a, weight_b, bias_b, None, scaling, p)
     hidden = F.linear(dropout(x.to(weight_a.dtype)), weight_a) * scaling
     bias = bias_b * scaling if bias_b is not None else None

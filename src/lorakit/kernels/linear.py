@@ -238,25 +238,67 @@ def same_tensor(ref: weakref.ref | None, version: int, x: torch.Tensor) -> bool:
 
 
 def shared_keep(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The keep-mask of the last layer that read this very tensor (same object, unmodified, same p),
-    or a new one."""
+    """The (N, in) keep-mask of the last layer that read this very tensor (same object, unmodified,
+    same p), or a new one, drawn on x itself: as `F.dropout(x, p)` draws it, whatever x's layout."""
     state = _shared_mask
     if not same_tensor(state["input"], state["version"], x) or state["p"] != p:
-        keep = _keep_mask(x.reshape(-1, x.shape[-1]), p)
+        keep = _keep_mask(x, p).reshape(-1, x.shape[-1])
         state.update(input=weakref.ref(x), version=x._version, p=p, keep=keep)
     return state["keep"]
 
 
+def dropout_fusable(x: torch.Tensor, p: float) -> bool:
+    """Whether the fused path drops the elements `F.dropout(x, p)` drops for the same seed: it draws
+    the mask of the (N, in) flattened x (`_keep_mask`), a view of x or a contiguous copy of it.
+
+    Always for p = 0, a contiguous x, or shared masks (drawn on x itself, `shared_keep`). Otherwise
+    on CPU when both fill their mask in the same order. `F.dropout` fills `empty_like(x)` in memory
+    order: x's own strides when x is dense, else dense strides in x's stride order (contiguous for a
+    strided slice). So a transposed 2-D x, a permuted x that flattens to a view, and a slice or an
+    expanded tensor are drawn alike; a permuted x whose flattening copies (batch and sequence
+    swapped, a 4-D permute) is not. Never on other devices (the CUDA kernel's order depends on the
+    layout, unverified here) nor under torch.compile. Where this is False the caller takes the plain
+    path, which calls the dropout module as PEFT does. Costs about 10-30 us, for non-contiguous x only.
+    """
+    if p == 0 or x.is_contiguous() or _shared_mask["enabled"]:
+        return True
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
+        return False
+    theirs = torch.empty_like(x, dtype=torch.uint8)  # the layout F.dropout fills (not filled here)
+    if theirs.is_contiguous():  # drawn in logical order, as a contiguous copy or a row-major view is
+        return True
+    if not (_flattens_to_view(x) and _flattens_to_view(theirs)):  # a copy is drawn in logical order
+        return False
+    ours = torch.empty_like(x.view(-1, x.shape[-1]), dtype=torch.uint8)  # the layout `_keep_mask` fills
+    flat_theirs = theirs.view(ours.shape)
+    return all(
+        a == b for a, b, n in zip(ours.stride(), flat_theirs.stride(), ours.shape, strict=True) if n > 1
+    )
+
+
+def _flattens_to_view(x: torch.Tensor) -> bool:
+    """Whether `x.reshape(-1, x.shape[-1])` is a view: its leading dims merge into one."""
+    dims = [(size, stride) for size, stride in zip(x.shape[:-1], x.stride()[:-1], strict=True) if size != 1]
+    return all(outer == size * stride for (_, outer), (size, stride) in zip(dims, dims[1:]))
+
+
 def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """The 0/1 mask (uint8: arithmetic with it runs 2-3x faster than with bool on CPU) of the
-    elements dropout keeps: the same draw as `F.dropout(x, p)`.
+    elements dropout keeps: the same draw as `F.dropout(x, p)`, for any layout of x.
 
-    On CPU that is `bernoulli_(1 - p)`: per element, 64 random bits `v` from the global generator,
-    `u = (v mod 2^53) * 2^-53`, kept when `u < 1 - p`. `randint(0, 2^53)` draws the same `v mod 2^53`
-    (the generator advances alike), and `u < 1 - p` is `v mod 2^53 < ceil((1 - p) * 2^53)` exactly
-    (scaling by a power of two is exact). That skips the float conversion and runs about 1.8x as
-    fast as `bernoulli_` or `torch.rand(float64)`. Elsewhere the device's own dropout mask."""
+    On CPU that is `empty_like(x).bernoulli_(1 - p)`: per element, in the memory order of
+    `empty_like(x)` (x's strides when x is dense, else dense ones in x's stride order), 64 random bits `v` from the
+    global generator, `u = (v mod 2^53) * 2^-53`, kept when `u < 1 - p`. `randint(0, 2^53)` draws
+    the same `v mod 2^53` (the generator advances alike), and `u < 1 - p` is
+    `v mod 2^53 < ceil((1 - p) * 2^53)` exactly (scaling by a power of two is exact). That skips the
+    float conversion and runs about 1.8x as fast as `bernoulli_` or `torch.rand(float64)`; a
+    non-contiguous x has its integers drawn into `empty_like(x)`, in the same order. Elsewhere the
+    device's own dropout mask."""
     if x.device.type != "cpu":
         return torch.native_dropout(x, p, True)[1].view(torch.uint8)
     threshold = math.ceil((1.0 - p) * _DRAW_RANGE)
-    return torch.lt(torch.randint(0, _DRAW_RANGE, x.shape, device=x.device), threshold).view(torch.uint8)
+    if x.is_contiguous():
+        draws = torch.randint(0, _DRAW_RANGE, x.shape, device=x.device)
+    else:
+        draws = torch.empty_like(x, dtype=torch.int64).random_(0, _DRAW_RANGE)
+    return torch.lt(draws, threshold).view(torch.uint8)
