@@ -287,11 +287,11 @@ def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     elements dropout keeps: the same draw as `F.dropout(x, p)`, for any layout of x.
 
     On CPU that is `empty_like(x).bernoulli_(1 - p)`: per element, in the memory order of
-    `empty_like(x)` (x's strides when x is dense, else dense ones in x's stride order), 64 random bits `v` from the
-    global generator, `u = (v mod 2^53) * 2^-53`, kept when `u < 1 - p`. `randint(0, 2^53)` draws
-    the same `v mod 2^53` (the generator advances alike), and `u < 1 - p` is
-    `v mod 2^53 < ceil((1 - p) * 2^53)` exactly (scaling by a power of two is exact). That skips the
-    float conversion and runs about 1.8x as fast as `bernoulli_` or `torch.rand(float64)`; a
+    `empty_like(x)` (x's strides when x is dense, else dense ones in x's stride order), 64 random
+    bits `v` from the global generator, `u = (v mod 2^53) * 2^-53`, kept when `u < 1 - p`.
+    `randint(0, 2^53)` draws the same `v mod 2^53` (the generator advances alike), and `u < 1 - p`
+    is `v mod 2^53 < ceil((1 - p) * 2^53)` exactly (scaling by a power of two is exact). That skips
+    the float conversion and runs about 1.8x as fast as `bernoulli_` or `torch.rand(float64)`; a
     non-contiguous x has its integers drawn into `empty_like(x)`, in the same order. Elsewhere the
     device's own dropout mask."""
     if x.device.type != "cpu":
