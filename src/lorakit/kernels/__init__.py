@@ -21,6 +21,7 @@ from .linear import (
     fused_linear,
     masks_shared,
     share_dropout_masks,
+    use_fused_kernels,
 )
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "masks_shared",
     "share_dropout_masks",
     "sibling_hidden",
+    "use_fused_kernels",
 ]
 
 

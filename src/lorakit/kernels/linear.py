@@ -12,9 +12,13 @@ The scale multiplies the rank-r tensor, the LoRA add is the output matmul's `add
 the base output when the base matmul is ours), and backward keeps only: x (shared by every
 adapter and layer reading the same x, and not kept at all when `replay.py` can rebuild it), the
 rank-r hidden `s A drop(x)`, a one-byte 0/1 keep-mask with dropout (the dropped input is rebuilt in
-backward), and for DoRA the output itself (the direction is `out / f`) or, with a base bias, the
-direction. The base input gradient and the LoRA one are summed in place (`addmm_`), not by a
+backward), and for DoRA a weak reference to the output (the direction is `out / f`; an output
+freed or changed in place, as by `ReLU(inplace=True)`, has its direction rebuilt from x), the
+direction itself with a base bias, or the given base output. Double backward (`create_graph=True`)
+rebuilds the hidden and the direction from the graph's own tensors, so second-order terms are the
+plain ops'. The base input gradient and the LoRA one are summed in place (`addmm_`), not by a
 separate add. The hidden may also come in ready-made from the layer's siblings (`grouped.py`).
+Under torch.func transforms, autocast, or `use_fused_kernels(False)` the plain ops run instead.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .replay import InputReplay, replay_for
 
 _DRAW_RANGE = 1 << 53  # dropout draws an integer below 2^53 per element (see _keep_mask)
 # Off by default (PEFT's behaviour: one mask per layer). See `share_dropout_masks`.
+_fused = {"enabled": True}
 _shared_mask = {"enabled": False, "input": None, "version": -1, "p": -1.0, "keep": None}
 
 
@@ -55,11 +60,28 @@ def drop_probability(dropout: nn.Module) -> float:
     return float(getattr(dropout, "p", 0.0))
 
 
+def use_fused_kernels(enabled: bool = True) -> None:
+    """Turn lorakit's fused paths (this module, `grouped.py`, `replay.py`) on (the default) or off.
+
+    Off, every adapted layer runs PEFT's plain ops: `lora_B(lora_A(dropout(x))) * scaling`. The
+    fused paths give the same numbers; turn them off to run code that needs plain autograd ops all
+    through, such as double backward through a layer whose lora_A is frozen.
+    """
+    _fused["enabled"] = bool(enabled)
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, jvp, ...) is running: the autograd
+    Functions here define no vmap or jvp rule, so the plain ops run instead (PEFT's arithmetic)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def fusable(x: torch.Tensor, out_dtype: torch.dtype, weight_a: torch.Tensor) -> bool:
     """Whether the fused path takes these dtypes: all equal, or on CUDA a half-precision base with a
     float32 adapter, computed in the base dtype (the small factors are cast, outputs stay close).
-    Under autocast the plain ops run instead, so autocast picks each op's dtype as it does for PEFT."""
-    if torch.is_autocast_enabled(x.device.type):
+    Under autocast the plain ops run instead, so autocast picks each op's dtype as it does for PEFT,
+    and so they do under torch.func transforms (`functorch_active`)."""
+    if not _fused["enabled"] or torch.is_autocast_enabled(x.device.type) or functorch_active():
         return False
     if out_dtype == x.dtype == weight_a.dtype:
         return True
@@ -104,16 +126,14 @@ def fused_linear(
 
 def _forward(result, x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p, given_keep, given):
     compute = x.dtype
-    a = None if weight_a is None else weight_a.to(compute)
     b = weight_b.to(compute)
     keep = None
     if given is not None:
         hidden = given
-    elif p > 0:  # drop(x) = (x * keep) / (1 - p): the 1 / (1 - p) goes onto the rank-r tensor
-        keep = given_keep if given_keep is not None else _keep_mask(x, p)
-        hidden = torch.mm(x * keep, a.t()).mul_(scaling / (1.0 - p))
     else:
-        hidden = torch.mm(x, a.t()).mul_(scaling)
+        if p > 0:  # drop(x) = (x * keep) / (1 - p): the 1 / (1 - p) goes onto the rank-r tensor
+            keep = given_keep if given_keep is not None else _keep_mask(x, p)
+        hidden = _hidden(x, weight_a.to(compute), keep, scaling, p)
     dora = factor is not None
     if weight is None:
         out = torch.addmm(result, hidden, b.t())
@@ -128,9 +148,30 @@ def _forward(result, x, weight, bias, weight_a, weight_b, bias_b, factor, scalin
         f = factor.to(compute)
         direction = out.sub_(bias) if (weight is None and bias is not None) else out
         out = direction * f if bias is None else torch.addcmul(bias, direction, f)
-        # without a base bias the direction is out / f (to rounding) unless some f is 0
-        recover = bias is None and not torch.compiler.is_compiling() and not bool((f == 0).any())
-    return out, keep, a, b, hidden, direction, recover
+        # with our own base matmul and no base bias the direction is out / f (to rounding) unless
+        # some f is 0, so backward may take it from the output rather than keep it
+        recover = (
+            weight is not None
+            and bias is None
+            and not torch.compiler.is_compiling()
+            and not bool((f == 0).any())
+        )
+    return out, keep, hidden, direction, recover
+
+
+def _hidden(x, a, keep, scaling, p):
+    """`s A drop(x)`: (N, r) from x (N, in), A (r, in) and the 0/1 keep-mask (N, in) or None."""
+    if keep is None:
+        return torch.mm(x, a.t()).mul_(scaling)
+    return torch.mm(x * keep, a.t()).mul_(scaling / (1.0 - p))
+
+
+def _direction(x, weight, bias, result, hidden, b, bias_b, scaling):
+    """DoRA's direction `W x + s (B A drop(x) + b_B)` (N, out) rebuilt in backward: from x and W, or
+    from the given base output (which holds the base bias)."""
+    base = torch.mm(x, weight.t()) if weight is not None else (result if bias is None else result - bias)
+    direction = torch.addmm(base, hidden, b.t())
+    return direction if bias_b is None else direction.add(bias_b.to(direction.dtype), alpha=scaling)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -147,32 +188,50 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(
         ctx, result, x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p, keep, given, replay
     ):
-        out, keep, a, b, hidden, direction, recover = _forward(
+        out, keep, hidden, direction, recover = _forward(
             result, x, weight, bias, weight_a, weight_b, bias_b, factor, scaling, p, keep, given
         )
-        ctx.scaling, ctx.p, ctx.recover = scaling, p, recover
+        ctx.scaling, ctx.p = scaling, p
         ctx.has = (result is not None, bias is not None, bias_b is not None)
-        ctx.dtypes = (None if weight_a is None else weight_a.dtype, weight_b.dtype)
-        ctx.replay, ctx.in_features = _input_source(ctx, replay), x.shape[-1]
-        saved_x = x if ctx.replay is None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[4]) else None
-        saved_direction = out if recover else direction
-        ctx.save_for_backward(saved_x, weight, keep, a, b, hidden, factor, saved_direction)
+        # DoRA rebuilds its direction from x when the output it would take it from is gone or was
+        # changed in place (ReLU(inplace=True) on it): a weak reference, so nothing more is kept
+        ctx.output = (weakref.ref(out), out._version) if recover else None
+        needs_x = ctx.needs_input_grad[2] or ctx.needs_input_grad[4] or bool(recover)
+        ctx.replay, ctx.in_features = _input_source(replay, needs_x), x.shape[-1]
+        saved_x = x if ctx.replay is None and needs_x else None
+        # with a given base output DoRA keeps it (it holds W x + b) and rebuilds the direction
+        saved_direction = result if factor is not None and result is not None else None
+        if factor is not None and result is None and not recover:
+            saved_direction = direction
+        ctx.save_for_backward(
+            saved_x, weight, bias, keep, weight_a, weight_b, bias_b, hidden, factor, saved_direction
+        )
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, keep, a, b, hidden, factor, direction = ctx.saved_tensors
+        x, weight, bias, keep, weight_a, weight_b, bias_b, hidden, factor, saved = ctx.saved_tensors
         if ctx.replay is not None:
             x = ctx.replay.take().reshape(-1, ctx.in_features)
         need = ctx.needs_input_grad
         has_result, has_bias, has_bias_b = ctx.has
+        # grad mode is on here only for `create_graph=True` (double backward): then every tensor the
+        # gradients are built from must be on the graph, and the hidden computed in forward is not
+        second_order = torch.is_grad_enabled()
+        a = None if weight_a is None else weight_a.to(grad_out.dtype)
+        b = weight_b.to(grad_out.dtype)
+        if second_order and a is not None:
+            hidden = _hidden(_need_input(x), a, keep, ctx.scaling, ctx.p)
         grad = grad_out
         grad_factor = grad_bias = None
         if factor is not None:
             f = factor.to(grad.dtype)
             if need[7]:
-                moment = (grad * direction).sum(0)  # direction is the output itself when recovered
-                grad_factor = (moment / f if ctx.recover else moment).to(factor.dtype)
+                direction, from_output = _dora_direction(
+                    ctx, x, weight, bias, saved, hidden, b, bias_b, second_order
+                )
+                moment = (grad * direction).sum(0)
+                grad_factor = (moment / f if from_output else moment).to(factor.dtype)
             if need[3] and has_bias:  # with a given result, the bias also reaches it through `result`
                 grad_bias = grad.sum(0) * (1 - f) if has_result else grad.sum(0)
             grad = grad * f
@@ -181,8 +240,8 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_weight = grad.t().mm(x) if need[2] else None
         # dB^T = H^T dY: MKL runs this (r, out) orientation faster than dY^T H (r=16: up to 1.8x alone,
         # about 1 ms of the benchmark Llama's 960 ms step)
-        grad_b = hidden.t().mm(grad).t().to(ctx.dtypes[1]) if need[5] else None
-        grad_bias_b = (grad.sum(0) * ctx.scaling).to(ctx.dtypes[1]) if need[6] and has_bias_b else None
+        grad_b = hidden.t().mm(grad).t().to(weight_b.dtype) if need[5] else None
+        grad_bias_b = (grad.sum(0) * ctx.scaling).to(weight_b.dtype) if need[6] and has_bias_b else None
         grad_given = grad_a = grad_x = None
         if a is None:  # the hidden came from the group, which takes its gradient from here on
             grad_given = grad.mm(b) if need[11] else None
@@ -192,7 +251,7 @@ class LoraLinearFunction(torch.autograd.Function):
             # the gradient of `x * keep` (masked input) A^T, dropout's 1 / (1 - p) included
             grad_hidden = grad.mm(b).mul_(ctx.scaling / (1.0 - ctx.p))
             if need[4]:
-                grad_a = grad_hidden.t().mm(x if keep is None else x * keep).to(ctx.dtypes[0])
+                grad_a = grad_hidden.t().mm(x if keep is None else x * keep).to(weight_a.dtype)
             if need[1]:
                 grad_x = _input_grad(grad, weight, grad_hidden, a, keep)
         grad_result = grad if has_result else None
@@ -213,9 +272,35 @@ class LoraLinearFunction(torch.autograd.Function):
         )
 
 
-def _input_source(ctx, replay: InputReplay | None) -> InputReplay | None:
-    """`replay` if backward will need x (for dA or dW) and can rebuild it; registers the use."""
-    if replay is None or not (ctx.needs_input_grad[2] or ctx.needs_input_grad[4]):
+def _need_input(x: torch.Tensor | None) -> torch.Tensor:
+    if x is None:
+        raise RuntimeError(
+            "lorakit's fused LoRA path cannot differentiate twice through a layer whose lora_A is "
+            "frozen (its input was not kept); call `lorakit.kernels.use_fused_kernels(False)` before "
+            "the forward to run PEFT's plain ops, which support create_graph=True"
+        )
+    return x
+
+
+def _dora_direction(ctx, x, weight, bias, saved, hidden, b, bias_b, second_order):
+    """DoRA's direction (N, out) for the magnitude's gradient, and whether it is the output itself
+    (`out = f * direction`, so the caller divides by f): the kept output while it is unchanged,
+    else rebuilt (always for double backward, whose terms must run through the graph)."""
+    if ctx.output is not None and not second_order:
+        ref, version = ctx.output
+        out = ref()
+        if out is not None and out._version == version:
+            return out, True
+    if ctx.has[0]:  # `saved` is the given base output
+        return _direction(None, None, bias, saved, hidden, b, bias_b, ctx.scaling), False
+    if ctx.output is None and not second_order:
+        return saved, False
+    return _direction(_need_input(x), weight, None, None, hidden, b, bias_b, ctx.scaling), False
+
+
+def _input_source(replay: InputReplay | None, needs_x: bool) -> InputReplay | None:
+    """`replay` if backward will need x and can rebuild it; registers the use."""
+    if replay is None or not needs_x:
         return None
     replay.add_user()
     return replay
