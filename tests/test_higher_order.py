@@ -171,3 +171,14 @@ def test_dora_without_base_bias_then_inplace_relu_trains_as_peft():
         nn.ReLU(inplace=True)(layer(x)).sum().backward()
         grads.append([p.grad for p in trainable(layer)])
     assert_all_close(*grads)
+
+
+def test_dora_backward_twice_through_a_retained_graph_matches_peft():
+    ours, theirs = twins(use_dora=True)
+    grads = []
+    for model in (ours, theirs):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward(retain_graph=True)
+        loss.backward()
+        grads.append([p.grad for p in trainable(model)])
+    assert_all_close(*grads)

@@ -12,8 +12,8 @@ The scale multiplies the rank-r tensor, the LoRA add is the output matmul's `add
 the base output when the base matmul is ours), and backward keeps only: x (shared by every
 adapter and layer reading the same x, and not kept at all when `replay.py` can rebuild it), the
 rank-r hidden `s A drop(x)`, a one-byte 0/1 keep-mask with dropout (the dropped input is rebuilt in
-backward), and for DoRA a weak reference to the output (the direction is `out / f`; an output
-freed or changed in place, as by `ReLU(inplace=True)`, has its direction rebuilt from x), the
+backward), and for DoRA the output itself (the direction is `out / f`; an output changed in
+place, as by `ReLU(inplace=True)`, or a second backward has the direction rebuilt from x), the
 direction itself with a base bias, or the given base output. Double backward (`create_graph=True`)
 rebuilds the hidden and the direction from the graph's own tensors, so second-order terms are the
 plain ops'. The base input gradient and the LoRA one are summed in place (`addmm_`), not by a
@@ -193,9 +193,10 @@ class LoraLinearFunction(torch.autograd.Function):
         )
         ctx.scaling, ctx.p = scaling, p
         ctx.has = (result is not None, bias is not None, bias_b is not None)
-        # DoRA rebuilds its direction from x when the output it would take it from is gone or was
-        # changed in place (ReLU(inplace=True) on it): a weak reference, so nothing more is kept
-        ctx.output = (weakref.ref(out), out._version) if recover else None
+        # DoRA takes its direction from the output unless that was changed in place (ReLU(inplace=True)
+        # on it): a detached alias shares its version counter, and as a plain attribute (not saved)
+        # it is no autograd check's concern; backward drops it
+        ctx.output = (out.detach(), out._version) if recover else None
         needs_x = ctx.needs_input_grad[2] or ctx.needs_input_grad[4] or bool(recover)
         ctx.replay, ctx.in_features = _input_source(replay, needs_x), x.shape[-1]
         saved_x = x if ctx.replay is None and needs_x else None
@@ -215,6 +216,9 @@ class LoraLinearFunction(torch.autograd.Function):
             x = ctx.replay.take().reshape(-1, ctx.in_features)
         need = ctx.needs_input_grad
         has_result, has_bias, has_bias_b = ctx.has
+        kept = ctx.output
+        if kept is not None:
+            ctx.output = ()  # released: a retained graph's next backward rebuilds the direction from x
         # grad mode is on here only for `create_graph=True` (double backward): then every tensor the
         # gradients are built from must be on the graph, and the hidden computed in forward is not
         second_order = torch.is_grad_enabled()
@@ -228,7 +232,7 @@ class LoraLinearFunction(torch.autograd.Function):
             f = factor.to(grad.dtype)
             if need[7]:
                 direction, from_output = _dora_direction(
-                    ctx, x, weight, bias, saved, hidden, b, bias_b, second_order
+                    ctx, kept, x, weight, bias, saved, hidden, b, bias_b, second_order
                 )
                 moment = (grad * direction).sum(0)
                 grad_factor = (moment / f if from_output else moment).to(factor.dtype)
@@ -282,18 +286,16 @@ def _need_input(x: torch.Tensor | None) -> torch.Tensor:
     return x
 
 
-def _dora_direction(ctx, x, weight, bias, saved, hidden, b, bias_b, second_order):
+def _dora_direction(ctx, kept, x, weight, bias, saved, hidden, b, bias_b, second_order):
     """DoRA's direction (N, out) for the magnitude's gradient, and whether it is the output itself
-    (`out = f * direction`, so the caller divides by f): the kept output while it is unchanged,
+    (`out = f * direction`, so the caller divides by f): the kept output (`ctx.output` as forward
+    left it) while it is unchanged,
     else rebuilt (always for double backward, whose terms must run through the graph)."""
-    if ctx.output is not None and not second_order:
-        ref, version = ctx.output
-        out = ref()
-        if out is not None and out._version == version:
-            return out, True
+    if kept and not second_order and kept[0]._version == kept[1]:
+        return kept[0], True
     if ctx.has[0]:  # `saved` is the given base output
         return _direction(None, None, bias, saved, hidden, b, bias_b, ctx.scaling), False
-    if ctx.output is None and not second_order:
+    if kept is None and not second_order:
         return saved, False
     return _direction(_need_input(x), weight, None, None, hidden, b, bias_b, ctx.scaling), False
 
