@@ -12,9 +12,14 @@ import torch.nn.functional as F
 from datasets import Dataset
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast, TrainingArguments
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    TrainingArguments,
+)
 
-import lorakit
 from lorakit import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from lorakit.integrations import Trainer
 
@@ -54,7 +59,9 @@ def tiny_llama(seed: int = 0, tied: bool = False) -> LlamaForCausalLM:
 def tokenizer() -> PreTrainedTokenizerFast:
     words = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
     words.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=words, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def token_dataset(rows: int = 8, length: int = 10) -> Dataset:
@@ -108,7 +115,12 @@ def test_trainer_resumed_from_a_checkpoint_ends_with_the_uninterrupted_runs_adap
     def run(output_dir, max_steps, resume=None):
         model = get_peft_model(tiny_llama(), LoraConfig(**LORA))
         args = TrainingArguments(
-            output_dir, max_steps=max_steps, save_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, **FAST
+            output_dir,
+            max_steps=max_steps,
+            save_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=1e-2,
+            **FAST,
         )
         Trainer(model=model, args=args, train_dataset=token_dataset()).train(resume_from_checkpoint=resume)
         return adapter_of(model)
@@ -158,7 +170,9 @@ def test_trainer_trains_the_adapters_of_a_bitsandbytes_4bit_base_and_leaves_the_
     args = TrainingArguments(
         tmp_path, max_steps=2, save_strategy="no", per_device_train_batch_size=2, learning_rate=1e-2, **FAST
     )
-    Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})).train()
+    Trainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids})
+    ).train()
 
     after = adapter_of(model)
     assert all(math.isfinite(v.abs().sum().item()) for v in after.values())
@@ -188,3 +202,127 @@ def test_save_pretrained_with_a_state_dict_lacking_an_adapter_tensor_names_it(tm
     with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj\.lora_B\.weight"):
         model.save_pretrained(tmp_path, state_dict=state)
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+# ---- TRL ---------------------------------------------------------------------------------------
+def sft_config(output_dir, **overrides) -> "trl.SFTConfig":
+    return trl.SFTConfig(
+        output_dir, **{"max_steps": 2, "per_device_train_batch_size": 4, **FAST, **overrides}
+    )
+
+
+def test_sft_trainer_wraps_the_model_for_a_lorakit_config_seeded_as_trl_seeds_peft(tmp_path):
+    from lorakit.integrations import SFTTrainer
+
+    args = sft_config(tmp_path, save_steps=1, eval_strategy="no")
+    text = Dataset.from_dict({"text": TEXTS * 2})
+    trainer = SFTTrainer(
+        tiny_llama(), args=args, train_dataset=text, eval_dataset=text, processing_class=tokenizer(),
+        peft_config=LoraConfig(**LORA),
+    )  # fmt: skip
+    assert isinstance(trainer.model, PeftModel)
+    base = tiny_llama()
+    torch.manual_seed(args.seed)
+    expected = adapter_of(get_peft_model(base, LoraConfig(**LORA)))
+    initial = adapter_of(trainer.model)
+    assert all(torch.equal(initial[k], v) for k, v in expected.items())
+
+    trainer.train()
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    for step in (1, 2):
+        names = {p.name for p in (tmp_path / f"checkpoint-{step}").iterdir()}
+        assert names == ADAPTER_FILES | TRAINER_FILES | TOKENIZER_FILES
+    assert_adapter_file_holds(tmp_path / "checkpoint-2", trainer.model)
+    assert (tmp_path / "README.md").exists()  # TRL's model card still lands in the run folder
+
+
+def test_sft_loss_of_a_wrapped_model_is_the_causal_lm_loss_through_its_adapters(tmp_path):
+    from lorakit.integrations import SFTTrainer
+
+    model = get_peft_model(tiny_llama(), LoraConfig(**LORA))
+    randomize_adapters(model)  # B != 0: the adapters change the loss
+    trainer = SFTTrainer(
+        model,
+        args=sft_config(tmp_path),
+        train_dataset=Dataset.from_dict({"text": TEXTS}),
+        processing_class=tokenizer(),
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+
+    def causal_lm_loss():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100)
+
+    with torch.no_grad():
+        expected = causal_lm_loss()
+        with model.disable_adapter():
+            base_only = causal_lm_loss()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(loss, base_only, rtol=1e-3)
+
+
+def test_sft_trainer_refuses_an_adapter_on_lm_head_and_a_second_config_for_a_wrapped_model(tmp_path):
+    from lorakit.integrations import SFTTrainer
+
+    text = Dataset.from_dict({"text": TEXTS})
+    head = LoraConfig(**{**LORA, "target_modules": ["q_proj", "lm_head"]})
+    with pytest.raises(ValueError, match="lm_head"):
+        SFTTrainer(tiny_llama(), args=sft_config(tmp_path), train_dataset=text, peft_config=head)
+    wrapped = get_peft_model(tiny_llama(), LoraConfig(**LORA))
+    with pytest.raises(ValueError, match=r"already has lorakit adapters \['default'\]"):
+        SFTTrainer(wrapped, args=sft_config(tmp_path), train_dataset=text, peft_config=LoraConfig(**LORA))
+
+
+def test_dpo_trainer_without_ref_model_references_the_base_model_and_loads_no_second_copy(tmp_path):
+    from lorakit.integrations import DPOTrainer
+
+    pairs = Dataset.from_dict(PAIRS)
+    base = tiny_llama()
+    alive = full_models_alive()
+    args = trl.DPOConfig(
+        tmp_path, max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, save_strategy="no", **FAST
+    )
+    trainer = DPOTrainer(
+        base, args=args, train_dataset=pairs, eval_dataset=pairs, processing_class=tokenizer(),
+        peft_config=LoraConfig(**LORA),
+    )  # fmt: skip
+    assert trainer.ref_model is None and full_models_alive() == alive
+    trainer.train()
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # B = 0: policy == reference at the first step
+    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    assert trainer.ref_model is None and full_models_alive() == alive
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    reference = trainer.compute_ref_log_probs(trainer.model, batch)
+    # the oracle: stock TRL with a second, untouched copy of the base as its reference model
+    stock_args = trl.DPOConfig(tmp_path / "stock", save_strategy="no", **FAST)
+    stock = trl.DPOTrainer(
+        tiny_llama(1),
+        ref_model=tiny_llama(),
+        args=stock_args,
+        train_dataset=pairs,
+        processing_class=tokenizer(),
+    )
+    for got, want, policy in zip(
+        reference,
+        stock.compute_ref_log_probs(stock.ref_model, batch),
+        stock.compute_ref_log_probs(trainer.model, batch),
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(got, policy, atol=1e-4)  # the trained adapters are not in the reference
+
+
+def test_lorakit_integrations_imports_and_its_trainer_works_without_trl():
+    code = (
+        "import sys; sys.modules['trl'] = None\n"
+        "import lorakit.integrations as integrations\n"
+        "assert issubclass(integrations.Trainer, __import__('transformers').Trainer)\n"
+        "try:\n    integrations.SFTTrainer\nexcept ImportError:\n    print('no trl')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "no trl"
