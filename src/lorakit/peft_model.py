@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 import os
 import types
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from torch import nn
 
 from .bottleneck_config import BottleneckConfig
 from .checkpoint import (
+    FSDP1_WRAPPED,
+    Slot,
     adapter_slots,
     check_fits,
     copy_into,
@@ -196,6 +199,7 @@ class PeftModel(nn.Module):
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs,
     ) -> None:
         """Write each adapter as PEFT does: "default" in `save_directory`, others in subfolders.
@@ -210,6 +214,12 @@ class PeftModel(nn.Module):
             path_initial_model_for_weight_conversion: the folder where this adapter was saved right
                 after a PiSSA/OLoRA init. The adapter is then written as a plain LoRA of rank 2r
                 relative to the *original* base weights, so it loads on the untouched base model.
+            state_dict: take the adapter values from this dict, keyed by this model's own
+                `state_dict()` names (transformers' Trainer passes the gathered one under FSDP or
+                DeepSpeed ZeRO-3); the files hold the same keys as without it. Other entries are ignored.
+
+        Raises:
+            ValueError: `state_dict` lacks an adapter tensor (the message names it).
         """
         _reject_unsupported_kwargs(kwargs, ())
         if os.path.isfile(save_directory):
@@ -225,8 +235,12 @@ class PeftModel(nn.Module):
             folder = str(save_directory) if name == "default" else os.path.join(str(save_directory), name)
             embed = self._saves_embeddings(name, save_embedding_layers)
             slots = adapter_slots(self.get_base_model(), name, bias_mode(config), embed)
+            if state_dict is None:
+                tensors = {key: slot.tensor for key, slot in slots.items()}
+            else:
+                tensors = self._adapter_values_in(state_dict, slots)
             # gathering FSDP2 shards is a collective: every rank takes part, then only one writes
-            tensors = full_tensors({key: slot.tensor for key, slot in slots.items()})
+            tensors = full_tensors(tensors)
             if not is_main_process:
                 continue
             if path_initial_model_for_weight_conversion is not None:
@@ -234,6 +248,34 @@ class PeftModel(nn.Module):
                     tensors, config, str(path_initial_model_for_weight_conversion)
                 )
             save_adapter_files(folder, tensors, config.to_json_string(), safe=safe_serialization)
+
+    def _adapter_values_in(
+        self, state_dict: dict[str, torch.Tensor], slots: dict[str, Slot]
+    ) -> dict[str, torch.Tensor]:
+        """File key -> the value `state_dict` holds for that slot's tensor.
+
+        A slot is matched to its in-memory names by tensor identity (a tied tensor has several), so
+        no file key is ever turned into a module name by string editing; FSDP1's wrapper attribute is
+        dropped from the names, as in the state dicts FSDP gathers.
+        """
+        names: dict[int, list[str]] = {}
+        own = itertools.chain(
+            self.named_parameters(remove_duplicate=False), self.named_buffers(remove_duplicate=False)
+        )
+        for name, tensor in own:
+            clean = ".".join(part for part in name.split(".") if part != FSDP1_WRAPPED)
+            names.setdefault(id(tensor), []).extend(dict.fromkeys([name, clean]))
+        values = {}
+        for key, slot in slots.items():
+            candidates = names.get(id(slot.tensor), [])
+            found = next((name for name in candidates if name in state_dict), None)
+            if found is None:
+                raise ValueError(
+                    f"state_dict has no entry for adapter tensor {key} (looked for {candidates or 'no name'}); pass "
+                    "the model's full state_dict(), keyed as model.state_dict() names it."
+                )
+            values[key] = state_dict[found]
+        return values
 
     def _saves_embeddings(self, adapter_name: str, setting: str | bool) -> bool:
         if setting != "auto":
