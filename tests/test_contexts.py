@@ -441,7 +441,7 @@ def non_contiguous(feature: str) -> None:
     shapes = {"transposed": (6, 3, 32), "strided": (3, 12, 32)}
     for kind, view in views.items():
 
-        def once(model):
+        def once(model, kind=kind, view=view):
             model.zero_grad(set_to_none=True)
             leaf = torch.randn(shapes[kind], generator=torch.Generator().manual_seed(5)).requires_grad_()
             assert not view(leaf).is_contiguous()
