@@ -151,6 +151,7 @@ class GroupedProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, keep, replay: InputReplay | None, ranks, *weights_a):
+        ctx.set_materialize_grads(False)  # a hidden left unused (its layer not called) gets None
         hiddens = _project(x, scale, keep, ranks, weights_a)
         needs_x = any(ctx.needs_input_grad[5:])
         ctx.replay = replay if needs_x and replay is not None else None
@@ -165,6 +166,13 @@ class GroupedProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, keep, *weights_a = ctx.saved_tensors
+        used = [g is not None for g in grads]
+        if not any(used):
+            return (None,) * (5 + len(ctx.ranks))
+        present = next(g for g in grads if g is not None)
+        grads = [
+            g if g is not None else present.new_zeros(present.shape[0], r) for g, r in zip(grads, ctx.ranks)
+        ]
         grad = torch.cat(grads, dim=1) if len(grads) > 1 else grads[0]
         grad = grad * ctx.scale
         need = ctx.needs_input_grad
@@ -178,8 +186,10 @@ class GroupedProjection(torch.autograd.Function):
                 x = ctx.replay.take().reshape(-1, ctx.in_features)
             masked = x if keep is None else x * keep
             stacked_grad = grad.t().mm(masked)
+            # a member whose layer was not called gets no gradient, as when run alone (not zeros)
             grad_as = [
-                g.to(dtype) for g, dtype in zip(stacked_grad.split(ctx.ranks), ctx.dtypes, strict=True)
+                g.to(dtype) if member_used else None
+                for g, dtype, member_used in zip(stacked_grad.split(ctx.ranks), ctx.dtypes, used, strict=True)
             ]
         return (grad_x, None, None, None, None, *(grad_as or [None] * len(ctx.ranks)))
 
