@@ -197,7 +197,10 @@ class LoraLinearFunction(torch.autograd.Function):
         # on it): a detached alias shares its version counter, and as a plain attribute (not saved)
         # it is no autograd check's concern; backward drops it
         ctx.output = (out.detach(), out._version) if recover else None
+        # a grouped DoRA layer keeps x too (double backward rebuilds its direction W x + s B h on the
+        # graph); the group holds the same x for A's gradient, so it costs no memory
         needs_x = ctx.needs_input_grad[2] or ctx.needs_input_grad[4] or bool(recover)
+        needs_x = needs_x or (factor is not None and given is not None)
         ctx.replay, ctx.in_features = _input_source(replay, needs_x), x.shape[-1]
         saved_x = x if ctx.replay is None and needs_x else None
         # with a given base output DoRA keeps it (it holds W x + b) and rebuilds the direction
