@@ -22,7 +22,8 @@ import shutil
 
 import transformers
 from torch import nn
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint
 from transformers.utils import can_return_loss, find_labels
 
 try:  # transformers >= 5
@@ -67,6 +68,24 @@ class Trainer(transformers.Trainer):
             base_class = type(adapted.get_base_model())
             self.label_names = find_labels(base_class)
             self.can_return_loss = can_return_loss(base_class)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`transformers.Trainer.train`; a resume from a checkpoint that already reached `max_steps`
+        loads it and trains no further step (transformers would train one more when the checkpoint
+        falls inside an epoch, so the adapter would differ from the uninterrupted run's)."""
+        folder = resume_from_checkpoint
+        if folder is True:
+            folder = get_last_checkpoint(self.args.output_dir)
+        state_file = os.path.join(folder, "trainer_state.json") if isinstance(folder, str) else None
+        if self.args.max_steps <= 0 or state_file is None or not os.path.isfile(state_file):
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        state = TrainerState.load_from_json(state_file)
+        if state.global_step < self.args.max_steps:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._load_from_checkpoint(folder)
+        self.state = state
+        losses = [entry["train_loss"] for entry in state.log_history if "train_loss" in entry]
+        return TrainOutput(state.global_step, losses[-1] if losses else float("nan"), {})
 
     def _adapted_model(self) -> PeftModel | None:
         """The lorakit model being trained (unwrapped from DDP & co.), or None for any other model."""
