@@ -89,9 +89,10 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` into `save_directory` atomically."""
-        from .checkpoint import atomic_write_text
+        from .checkpoint import atomic_write_text, finish_interrupted_save
 
         os.makedirs(save_directory, exist_ok=True)
+        finish_interrupted_save(str(save_directory))  # or a pending config would shadow this one
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
     def to_json_string(self) -> str:
@@ -124,8 +125,10 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
         """Read `adapter_config.json` from a local folder (PEFT's layout)."""
+        from .checkpoint import committed_files
+
         folder = os.path.join(path, subfolder) if subfolder else str(path)
-        file = os.path.join(folder, CONFIG_NAME)
+        file = committed_files(folder)[0]  # the pending config, after a save killed past its commit
         if not os.path.isfile(file):
             raise FileNotFoundError(
                 f"No {CONFIG_NAME} in {folder!r}. Pass the folder that save_pretrained wrote "

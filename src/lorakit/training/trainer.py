@@ -89,9 +89,9 @@ class LoraPlusTrainer(Trainer):
             super()._save(output_dir, state_dict)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, safe_serialization=True)
-        if self.processing_class is not None:
+        # every rank calls this (FSDP2 shards are gathered collectively); only the main one writes
+        model.save_pretrained(output_dir, safe_serialization=True, is_main_process=self.args.should_save)
+        if self.processing_class is not None and self.args.should_save:
             self.processing_class.save_pretrained(output_dir)
 
     def _save_checkpoint(self, model, trial) -> None:
