@@ -1,14 +1,17 @@
 """Adapter folders under hostile conditions: saves killed at any moment, loads that fail after a
 data-driven init or a layer replication, and files with wrong types, values or bytes."""
 
+import contextlib
 import os
 import random
 import shutil
 import signal
 import time
+import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 
@@ -115,3 +118,100 @@ def test_every_step_of_a_save_leaves_the_old_or_the_new_adapter(tmp_path, monkey
         newest.save_pretrained(snapshot)
         assert sorted(os.listdir(snapshot)) == ["adapter_config.json", "adapter_model.safetensors"]
         assert _which(snapshot, base, {"newest": newest}) == "newest"
+
+
+# ---- 2. a failed load leaves the model exactly as it was ---------------------------------------
+
+
+def _everything(model: torch.nn.Module) -> dict:
+    """All a failed load could change: parameter objects and values, module names, adapters, the
+    active adapter, and what a layer replication rewrites (block count, attention layer indices)."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    return {
+        "tensors": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "parameter_ids": [(name, id(p), p.requires_grad) for name, p in model.named_parameters()],
+        "module_names": [name for name, _ in model.named_modules()],
+        "adapters": list(model.peft_config) if isinstance(model, PeftModel) else None,
+        "active": model.active_adapter if isinstance(model, PeftModel) else None,
+        "num_hidden_layers": inner.config.num_hidden_layers,
+        "layer_idx": [m.layer_idx for m in inner.modules() if hasattr(m, "layer_idx")],
+    }
+
+
+def _assert_unchanged(before: dict, after: dict) -> None:
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, value in before["tensors"].items():
+        assert torch.equal(value, after["tensors"][key]), key
+    for field in ("parameter_ids", "module_names", "adapters", "active", "num_hidden_layers", "layer_idx"):
+        assert after[field] == before[field], field
+
+
+def _broken(folder, how: str) -> None:
+    """Damage the saved adapter in `folder` so that its weights no longer fit the config."""
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(path)
+    first = sorted(tensors)[0]
+    if how == "shape":
+        tensors[first] = tensors[first][:1]
+    elif how == "missing":
+        del tensors[first]
+    elif how == "unexpected":
+        tensors["base_model.model.model.norm.lora_A.weight"] = torch.zeros(2, 32)
+    save_file(tensors, path)
+
+
+MUTATING_CONFIGS = {
+    "pissa": {"init_lora_weights": "pissa"},
+    "layer_replication": {"layer_replication": [[0, 2], [1, 2]]},
+    "both": {"init_lora_weights": "pissa_niter_2", "layer_replication": [[0, 1], [0, 2]]},
+}
+
+
+def _saved_mutating_adapter(folder, kind: str, how: str) -> None:
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], **MUTATING_CONFIGS[kind])
+    with pytest.warns(UserWarning) if "init_lora_weights" in MUTATING_CONFIGS[kind] else _no_warning():
+        model = get_peft_model(tiny_llama(seed=4), config)
+    model.save_pretrained(folder)
+    _broken(folder, how)
+
+
+@contextlib.contextmanager
+def _no_warning():
+    yield
+
+
+@pytest.mark.parametrize("how", ["shape", "missing", "unexpected"])
+@pytest.mark.parametrize("kind", list(MUTATING_CONFIGS))
+def test_failed_load_adapter_with_a_mutating_config_leaves_the_model_as_it_was(tmp_path, kind, how):
+    _adapter(seed=1, alpha=8).save_pretrained(tmp_path / "good")
+    _saved_mutating_adapter(tmp_path / "bad", kind, how)
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "good", is_trainable=True)
+    before = _everything(model)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="do not fit this model"):
+        warnings.simplefilter("ignore")  # the data-driven init warns that it replaced base weights
+        model.load_adapter(tmp_path / "bad", adapter_name="bad")
+    _assert_unchanged(before, _everything(model))
+
+
+@pytest.mark.parametrize("kind", list(MUTATING_CONFIGS))
+def test_failed_from_pretrained_with_a_mutating_config_leaves_the_base_model_as_it_was(tmp_path, kind):
+    _saved_mutating_adapter(tmp_path / "bad", kind, "shape")
+    base = tiny_llama()
+    before = _everything(base)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="do not fit this model"):
+        warnings.simplefilter("ignore")
+        PeftModel.from_pretrained(base, tmp_path / "bad")
+    _assert_unchanged(before, _everything(base))
+
+
+def test_name_of_a_failed_inference_load_can_be_reused_for_a_trainable_adapter(tmp_path):
+    _adapter(seed=1, alpha=8).save_pretrained(tmp_path / "good")
+    _adapter(seed=2, alpha=8).save_pretrained(tmp_path / "bad")
+    _broken(tmp_path / "bad", "shape")
+    model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "good", is_trainable=True)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        model.load_adapter(tmp_path / "bad", adapter_name="other")  # an inference-mode load
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj"]))
+    model.set_adapter("other")
+    other = [p for n, p in model.named_parameters() if ".other." in n]
+    assert other and all(p.requires_grad for p in other)
