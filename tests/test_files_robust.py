@@ -2,8 +2,10 @@
 data-driven init or a layer replication, and files with wrong types, values or bytes."""
 
 import contextlib
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -215,3 +217,101 @@ def test_name_of_a_failed_inference_load_can_be_reused_for_a_trainable_adapter(t
     model.set_adapter("other")
     other = [p for n, p in model.named_parameters() if ".other." in n]
     assert other and all(p.requires_grad for p in other)
+
+
+# ---- 3. fuzzed files: each gives an error naming the field or the key --------------------------
+
+
+def _saved_then(
+    folder, *, config_text: bytes | None = None, fields: dict | None = None, weights=None
+) -> None:
+    """A good adapter saved in `folder`, then its config replaced (raw bytes or changed fields) or
+    its weights rewritten by `weights(tensors)`."""
+    _adapter(seed=1, alpha=8).save_pretrained(folder)
+    config_path = folder / "adapter_config.json"
+    if fields is not None:
+        data = json.loads(config_path.read_text())
+        config_text = json.dumps({**data, **fields}).encode()
+    if config_text is not None:
+        config_path.write_bytes(config_text)
+    if weights is not None:
+        tensors = load_file(folder / "adapter_model.safetensors")
+        weights(tensors)
+        save_file(tensors, folder / "adapter_model.safetensors")
+
+
+BAD_FIELDS = [
+    ({"lora_dropout": "0.1"}, r"lora_dropout='0\.1' must be a number"),
+    ({"lora_dropout": [0.1]}, r"lora_dropout=\[0\.1\] must be a number"),
+    ({"lora_dropout": True}, r"lora_dropout=True must be a number"),
+    ({"use_rslora": "false"}, r"use_rslora='false' must be True or False"),
+    ({"use_dora": "false"}, r"use_dora='false' must be True or False"),
+    ({"fan_in_fan_out": 0}, r"fan_in_fan_out=0 must be True or False"),
+    ({"inference_mode": "true"}, r"inference_mode='true' must be True or False"),
+    ({"lora_alpha": -8}, r"lora_alpha=-8 must be a finite number >= 0"),
+    ({"lora_alpha": float("nan")}, r"lora_alpha=nan must be a finite number"),
+    ({"lora_alpha": float("inf")}, r"lora_alpha=inf must be a finite number"),
+    ({"alpha_pattern": {"q_proj": float("-inf")}}, r"alpha_pattern\['q_proj'\]=-inf must be a finite number"),
+    ({"r": "4"}, r"r='4': the LoRA rank must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("fields, message", BAD_FIELDS, ids=[str(f) for f, _ in BAD_FIELDS])
+def test_a_config_field_of_a_wrong_type_or_value_is_an_error_naming_the_field(tmp_path, fields, message):
+    _saved_then(tmp_path, fields=fields)
+    base = tiny_llama()
+    before = _everything(base)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(base, tmp_path)
+    _assert_unchanged(before, _everything(base))
+    with pytest.raises(ValueError, match=message):  # the same check when the config is built in Python
+        LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **fields})
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b"[1, 2]", r"holds JSON \[1, 2\], not an object of config fields"),
+        (b"null", r"holds JSON null, not an object"),
+        (b'"LORA"', r'holds JSON "LORA", not an object'),
+        (b'{"peft_type": "LORA", "r": "\xff\xfe"}', r"is not valid UTF-8 JSON"),
+        (b'{"peft_type": "LORA", "r": 4', r"is not valid UTF-8 JSON"),
+    ],
+    ids=["list", "null", "string", "not-utf8", "truncated"],
+)
+def test_a_config_file_that_is_no_json_object_is_an_error_naming_the_file(tmp_path, text, message):
+    _saved_then(tmp_path, config_text=text)
+    with pytest.raises(ValueError, match=message) as raised:
+        PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert "adapter_config.json" in str(raised.value)
+
+
+KEY = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda t: t[KEY].view(-1).__setitem__(3, float("nan")),
+            "hold NaN or Inf values in " + re.escape(KEY),
+        ),
+        (
+            lambda t: t[KEY].view(-1).__setitem__(0, float("-inf")),
+            "hold NaN or Inf values in " + re.escape(KEY),
+        ),
+        (
+            lambda t: t.__setitem__(KEY, t[KEY].to(torch.int32)),
+            rf"non-float tensors {re.escape(KEY)} \(torch\.int32\)",
+        ),
+        (lambda t: t.__setitem__(KEY, t[KEY].bool()), rf"non-float tensors {re.escape(KEY)} \(torch\.bool\)"),
+    ],
+    ids=["nan", "inf", "int32", "bool"],
+)
+def test_weights_that_are_not_finite_floats_are_an_error_naming_the_key(tmp_path, change, message):
+    _saved_then(tmp_path, weights=change)
+    base = tiny_llama()
+    before = _everything(base)
+    with pytest.raises(ValueError, match=message):
+        PeftModel.from_pretrained(base, tmp_path)
+    _assert_unchanged(before, _everything(base))

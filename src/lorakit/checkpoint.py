@@ -321,6 +321,12 @@ def check_fits(slots: dict[str, Slot], state: dict[str, torch.Tensor], source: s
         for k in set(state) & set(slots)
         if state[k].shape != slots[k].tensor.shape
     )
+    not_float = sorted(f"{k} ({state[k].dtype})" for k in state if not state[k].is_floating_point())
+    if not_float:
+        raise ValueError(
+            f"The adapter weights in {source} hold non-float tensors {_first(not_float)}: adapter factors are "
+            "float tensors, so the file was not written by save_pretrained or is damaged. Save the adapter again."
+        )
     problems = []
     if wrong_shape:
         problems.append(f"shape mismatch for {_first(wrong_shape)}")
@@ -336,6 +342,13 @@ def check_fits(slots: dict[str, Slot], state: dict[str, torch.Tensor], source: s
             + "; ".join(problems)
             + ". Load it on the "
             "base model it was trained on, with its own adapter_config.json (r, target_modules, rank_pattern)."
+        )
+    not_finite = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    if not_finite:
+        raise ValueError(
+            f"The adapter weights in {source} hold NaN or Inf values in {_first(not_finite)}: the adapter "
+            "diverged in training or the file is damaged. Load an earlier checkpoint, or retrain with a lower "
+            "learning rate (or gradient clipping)."
         )
 
 
