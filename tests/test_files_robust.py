@@ -274,8 +274,8 @@ def test_a_config_field_of_a_wrong_type_or_value_is_an_error_naming_the_field(tm
         (b"[1, 2]", r"holds JSON \[1, 2\], not an object of config fields"),
         (b"null", r"holds JSON null, not an object"),
         (b'"LORA"', r'holds JSON "LORA", not an object'),
-        (b'{"peft_type": "LORA", "r": "\xff\xfe"}', r"is not valid UTF-8 JSON"),
-        (b'{"peft_type": "LORA", "r": 4', r"is not valid UTF-8 JSON"),
+        (b'{"peft_type": "LORA", "r": "\xff\xfe"}', r"is not valid JSON in UTF-8"),
+        (b'{"peft_type": "LORA", "r": 4', r"is not valid JSON in UTF-8"),
     ],
     ids=["list", "null", "string", "not-utf8", "truncated"],
 )

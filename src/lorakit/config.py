@@ -147,7 +147,7 @@ class PeftConfig:
                 data = json.load(fh)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(
-                f"{file} is not valid UTF-8 JSON ({err}); the adapter folder is corrupted. "
+                f"{file} is not valid JSON in UTF-8 ({err}); the adapter folder is corrupted. "
                 "Save the adapter again, or restore the file from where it came."
             ) from None
         if not isinstance(data, dict):
