@@ -34,7 +34,7 @@ def test_field_set_matches_peft():
         ({"layers_to_transform": [-1]}, "non-negative"),
         ({"rank_pattern": {"q_proj": 0}}, "positive integers"),
         ({"rank_pattern": {"(": 4}}, "regular expression"),
-        ({"alpha_pattern": {"q": "x"}}, "numbers"),
+        ({"alpha_pattern": {"q": "x"}}, "must be a finite number"),
         ({"init_lora_weights": "kaiming"}, "init strategy"),
         ({"init_lora_weights": "loftq"}, "loftq_config"),
         ({"loftq_config": LoftQConfig()}, "not 'loftq'"),

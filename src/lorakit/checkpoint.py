@@ -27,6 +27,8 @@ from .layers.lora import Embedding, LoraLayer
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
+# the weights files a folder may hold, in the order a loader prefers them
+WEIGHTS_NAMES = (SAFETENSORS_NAME, BIN_NAME)
 PREFIX = "base_model.model."
 # The attribute FSDP1 (FullyShardedDataParallel) wraps a module under; it is no part of a file key.
 FSDP1_WRAPPED = "_fsdp_wrapped_module"
@@ -145,17 +147,29 @@ def _all_biases(model: nn.Module, adapter_name: str) -> Iterator[tuple[str, torc
 def save_adapter_files(
     directory: str, tensors: dict[str, torch.Tensor], config_text: str, safe: bool
 ) -> None:
-    """Write the weights file and `adapter_config.json` so that no reader sees a mixed state.
+    """Write the weights file and `adapter_config.json` so that a kill at any moment leaves a folder
+    that loads as the old adapter or as the new one, never as a mix.
 
-    Both files are written under temporary names first; the old config is removed before the new
-    weights take its place, so an interrupted save leaves either the old adapter, or a folder
-    without config (which loading reports), never new weights under an old config.
+    Two renames cannot be one atomic step, so the save has a commit point that a loader can see:
+    1. both files are written and fsynced under temporary names;
+    2. the weights are renamed to `.adapter_model.<ext>.pending` (not committed: loaders read the
+       old pair and ignore it);
+    3. the config is renamed to `.adapter_config.json.pending`: the commit. From here on loaders
+       read this config and the pending weights (or, once renamed, the live ones);
+    4. the pending weights, then the pending config, replace the live files (`finish_interrupted_save`).
+    A save first finishes (or drops) whatever an interrupted earlier save left, so stale pending
+    files never pair with new ones. PEFT's loader does not know step 3: in the moment between the
+    two renames of step 4 it would read the new weights with the old config; the next lorakit
+    save (or `finish_interrupted_save`) completes such a folder.
     """
     from .config import CONFIG_NAME
 
     os.makedirs(directory, exist_ok=True)
+    finish_interrupted_save(directory)
     weights_name = SAFETENSORS_NAME if safe else BIN_NAME
     tensors = _unshared(tensors)
+    pending_weights = os.path.join(directory, pending_name(weights_name))
+    pending_config = os.path.join(directory, pending_name(CONFIG_NAME))
     tmp_weights = _temp_path(directory, weights_name)
     tmp_config = _temp_path(directory, CONFIG_NAME)
     try:
@@ -168,18 +182,70 @@ def save_adapter_files(
             fh.write(config_text)
             fh.flush()
             os.fsync(fh.fileno())
-        config_path = os.path.join(directory, CONFIG_NAME)
-        if os.path.exists(config_path):
-            os.remove(config_path)
-        os.replace(tmp_weights, os.path.join(directory, weights_name))
-        os.replace(tmp_config, config_path)
-        stale = os.path.join(directory, BIN_NAME if safe else SAFETENSORS_NAME)
-        if os.path.exists(stale):
-            os.remove(stale)  # a leftover of the other format would shadow or contradict this save
+        os.replace(tmp_weights, pending_weights)
+        _fsync_dir(directory)
+        os.replace(tmp_config, pending_config)  # the commit point
+        _fsync_dir(directory)
+        finish_interrupted_save(directory)
+    except BaseException:
+        if not os.path.exists(pending_config) and os.path.exists(pending_weights):
+            os.remove(pending_weights)  # not committed: the old pair stays the adapter
+        raise
     finally:
         for tmp in (tmp_weights, tmp_config):
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def pending_name(name: str) -> str:
+    """The hidden name a save gives `name` before it replaces the live file."""
+    return f".{name}.pending"
+
+
+def finish_interrupted_save(directory: str) -> None:
+    """Complete a save of `save_adapter_files` that stopped after its commit point, or drop the
+    uncommitted weights of one that stopped before it; remove the temporary files of saves killed
+    while writing. Afterwards only live files are left (never run it beside a save in progress)."""
+    from .config import CONFIG_NAME
+
+    for name in os.listdir(directory):
+        if name.endswith(".tmp") and name.startswith(tuple(f".{n}." for n in (CONFIG_NAME, *WEIGHTS_NAMES))):
+            os.remove(os.path.join(directory, name))
+    pending_config = os.path.join(directory, pending_name(CONFIG_NAME))
+    pending = [n for n in WEIGHTS_NAMES if os.path.exists(os.path.join(directory, pending_name(n)))]
+    if not os.path.exists(pending_config):
+        for name in pending:
+            os.remove(os.path.join(directory, pending_name(name)))
+        return
+    for name in pending[:1]:
+        for other in WEIGHTS_NAMES:
+            # a live file of the other format would shadow or contradict the new weights
+            if other != name and os.path.exists(os.path.join(directory, other)):
+                os.remove(os.path.join(directory, other))
+        os.replace(os.path.join(directory, pending_name(name)), os.path.join(directory, name))
+        _fsync_dir(directory)
+    os.replace(pending_config, os.path.join(directory, CONFIG_NAME))
+    _fsync_dir(directory)
+
+
+def committed_files(directory: str) -> tuple[str, str | None]:
+    """(config path, weights path or None) of the adapter that `directory` holds.
+
+    Normally the live `adapter_config.json` and weights file (safetensors before `.bin`). After a
+    save stopped past its commit point (see `save_adapter_files`), the pending config and the
+    pending weights, or the live weights once those were renamed. Reads only; changes nothing.
+    """
+    from .config import CONFIG_NAME
+
+    pending_config = os.path.join(directory, pending_name(CONFIG_NAME))
+    committed = os.path.exists(pending_config)
+    config = pending_config if committed else os.path.join(directory, CONFIG_NAME)
+    candidates = [pending_name(n) for n in WEIGHTS_NAMES if committed] + list(WEIGHTS_NAMES)
+    weights = next(
+        (os.path.join(directory, n) for n in candidates if os.path.isfile(os.path.join(directory, n))),
+        None,
+    )
+    return config, weights
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -214,36 +280,36 @@ def save_folder_atomically(folder: str | os.PathLike, *savables) -> None:
 
 
 def read_adapter_weights(directory: str) -> dict[str, torch.Tensor]:
-    """Read the adapter weights in `directory` (safetensors, or a `.bin` loaded with weights_only).
+    """Read the adapter weights in `directory` (safetensors, or a `.bin` loaded with weights_only);
+    after an interrupted save, those of the committed pair (`committed_files`).
 
     Raises:
         FileNotFoundError: no weights file.
         ValueError: the file is unreadable (corrupted or truncated).
     """
-    safe_path = os.path.join(directory, SAFETENSORS_NAME)
-    bin_path = os.path.join(directory, BIN_NAME)
-    if os.path.isfile(safe_path):
+    path = committed_files(directory)[1]
+    if path is None:
+        raise FileNotFoundError(
+            f"No {SAFETENSORS_NAME} or {BIN_NAME} in {directory!r}: this folder holds no adapter weights."
+        )
+    if SAFETENSORS_NAME in os.path.basename(path):
         try:
-            return load_file(safe_path, device="cpu")
+            return load_file(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(
-                f"{safe_path} is not a readable safetensors file ({err}); it is corrupted or was not fully "
+                f"{path} is not a readable safetensors file ({err}); it is corrupted or was not fully "
                 "written. Save the adapter again or restore it from a good copy."
             ) from None
-    if os.path.isfile(bin_path):
-        try:
-            state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for bad or unsafe pickles
-            raise ValueError(
-                f"{bin_path} could not be loaded with weights_only=True ({type(err).__name__}: {err}); lorakit "
-                "never unpickles arbitrary objects. Re-save the adapter with safe_serialization=True."
-            ) from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{bin_path} does not hold a flat dict of tensors; it is not an adapter file.")
-        return state
-    raise FileNotFoundError(
-        f"No {SAFETENSORS_NAME} or {BIN_NAME} in {directory!r}: this folder holds no adapter weights."
-    )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for bad or unsafe pickles
+        raise ValueError(
+            f"{path} could not be loaded with weights_only=True ({type(err).__name__}: {err}); lorakit "
+            "never unpickles arbitrary objects. Re-save the adapter with safe_serialization=True."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a flat dict of tensors; it is not an adapter file.")
+    return state
 
 
 def check_fits(slots: dict[str, Slot], state: dict[str, torch.Tensor], source: str) -> None:
@@ -255,6 +321,12 @@ def check_fits(slots: dict[str, Slot], state: dict[str, torch.Tensor], source: s
         for k in set(state) & set(slots)
         if state[k].shape != slots[k].tensor.shape
     )
+    not_float = sorted(f"{k} ({state[k].dtype})" for k in state if not state[k].is_floating_point())
+    if not_float:
+        raise ValueError(
+            f"The adapter weights in {source} hold non-float tensors {_first(not_float)}: adapter factors are "
+            "float tensors, so the file was not written by save_pretrained or is damaged. Save the adapter again."
+        )
     problems = []
     if wrong_shape:
         problems.append(f"shape mismatch for {_first(wrong_shape)}")
@@ -270,6 +342,13 @@ def check_fits(slots: dict[str, Slot], state: dict[str, torch.Tensor], source: s
             + "; ".join(problems)
             + ". Load it on the "
             "base model it was trained on, with its own adapter_config.json (r, target_modules, rank_pattern)."
+        )
+    not_finite = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    if not_finite:
+        raise ValueError(
+            f"The adapter weights in {source} hold NaN or Inf values in {_first(not_finite)}: the adapter "
+            "diverged in training or the file is damaged. Load an earlier checkpoint, or retrain with a lower "
+            "learning rate (or gradient clipping)."
         )
 
 
@@ -302,6 +381,20 @@ def _temp_path(directory: str, name: str) -> str:
 def _fsync(path: str) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the renames in `directory` durable in order (a power cut keeps the commit order)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder: there the renames are not fsynced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _first(items: list[str], limit: int = 3) -> str:

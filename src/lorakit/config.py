@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 import re
 import warnings
@@ -77,6 +78,12 @@ class PeftConfig:
         valid = [t.value for t in TaskType]
         if self.task_type is not None and self.task_type not in valid:
             raise ValueError(f"task_type={self.task_type!r} is not a task type; use one of {valid} or None.")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise ValueError(
+                    f"{f.name}={value!r} must be True or False (JSON true/false), not {type(value).__name__}."
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict PEFT writes: every field, sets as sorted lists, enums as strings."""
@@ -89,9 +96,10 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` into `save_directory` atomically."""
-        from .checkpoint import atomic_write_text
+        from .checkpoint import atomic_write_text, finish_interrupted_save
 
         os.makedirs(save_directory, exist_ok=True)
+        finish_interrupted_save(str(save_directory))  # or a pending config would shadow this one
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
     def to_json_string(self) -> str:
@@ -124,8 +132,10 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
         """Read `adapter_config.json` from a local folder (PEFT's layout)."""
+        from .checkpoint import committed_files
+
         folder = os.path.join(path, subfolder) if subfolder else str(path)
-        file = os.path.join(folder, CONFIG_NAME)
+        file = committed_files(folder)[0]  # the pending config, after a save killed past its commit
         if not os.path.isfile(file):
             raise FileNotFoundError(
                 f"No {CONFIG_NAME} in {folder!r}. Pass the folder that save_pretrained wrote "
@@ -135,8 +145,16 @@ class PeftConfig:
         try:
             with open(file, encoding="utf-8") as fh:
                 data = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON ({err}); the adapter folder is corrupted.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{file} is not valid JSON in UTF-8 ({err}); the adapter folder is corrupted. "
+                "Save the adapter again, or restore the file from where it came."
+            ) from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{file} holds JSON {json.dumps(data)[:40]}, not an object of config fields "
+                '({"peft_type": "LORA", "r": 8, ...}); the adapter folder is corrupted.'
+            )
         return cls.from_dict(data)
 
 
@@ -250,10 +268,10 @@ class LoraConfig(PeftConfig):
     def _validate(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r={self.r!r}: the LoRA rank must be a positive integer, e.g. r=8.")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a number, e.g. lora_alpha=16.")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
+        _check_alpha(self.lora_alpha, "lora_alpha")
+        dropout = self.lora_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora_dropout={dropout!r} must be a number in [0, 1), e.g. lora_dropout=0.05.")
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias={self.bias!r} is not a bias mode; use 'none', 'all' or 'lora_only'.")
         check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
@@ -351,6 +369,16 @@ def _check_layer_indices(layers: Any) -> None:
         raise ValueError(f"layers_to_transform={layers!r} must be a non-negative int or a list of them.")
 
 
+def _check_alpha(value: Any, name: str) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0 (the scale is alpha / r), e.g. 16.")
+
+
 def _check_pattern(pattern: Any, name: str, need_int: bool) -> None:
     if not isinstance(pattern, dict):
         raise ValueError(f"{name}={pattern!r} must be a dict mapping module-name regexes to values.")
@@ -361,8 +389,8 @@ def _check_pattern(pattern: Any, name: str, need_int: bool) -> None:
             raise ValueError(f"{name} key {key!r} is not a valid regular expression: {err}.") from None
         if need_int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name}[{key!r}]={value!r}: ranks must be positive integers.")
-        if not need_int and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"{name}[{key!r}]={value!r}: alphas must be numbers.")
+        if not need_int:
+            _check_alpha(value, f"{name}[{key!r}]")
 
 
 def _jsonable(value: Any) -> Any:

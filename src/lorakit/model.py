@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -59,7 +59,13 @@ class LoraModel(nn.Module):
 
     prefix = "lora_"
 
-    def __init__(self, model: nn.Module, config: LoraConfig | dict, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LoraConfig | dict,
+        adapter_name: str = "default",
+        then: Callable[[LoraModel, str], None] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
@@ -67,7 +73,7 @@ class LoraModel(nn.Module):
         self._layer_map: list[list[int]] | None = None  # the layer_replication applied, if any
         if isinstance(config, dict):
             config = config[adapter_name]
-        self.inject_adapter(adapter_name, config)
+        self.inject_adapter(adapter_name, config, then=then)
 
     # ---- pass-through ----------------------------------------------------------------------
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
@@ -158,11 +164,20 @@ class LoraModel(nn.Module):
             layer.enable_adapters(False)
 
     # ---- adding and removing ---------------------------------------------------------------
-    def inject_adapter(self, adapter_name: str, config: LoraConfig | BottleneckConfig) -> None:
+    def inject_adapter(
+        self,
+        adapter_name: str,
+        config: LoraConfig | BottleneckConfig,
+        then: Callable[[LoraModel, str], None] | None = None,
+    ) -> None:
         """Add adapter `adapter_name` to every module the config selects.
 
+        Args:
+            then: called with this model and `adapter_name` once the adapter is in place (a load copies the saved
+                weights in); if it raises, the adapter is taken out again as if never added.
         Raises:
-            ValueError / NotImplementedError: bad or unsupported config; the model is unchanged.
+            ValueError / NotImplementedError: bad or unsupported config, or whatever `then` raised;
+                the model is unchanged (module tree, base weights, block layout, adapters).
         """
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
@@ -181,11 +196,14 @@ class LoraModel(nn.Module):
             self._replicate(config.layer_replication, undo)
         try:
             self._inject(adapter_name, config, undo)
+            self.peft_config[adapter_name] = config
+            undo.append(lambda: self.peft_config.pop(adapter_name, None))
+            if then is not None:
+                then(self, adapter_name)
         except Exception:
             for action in reversed(undo):
                 action()
             raise
-        self.peft_config[adapter_name] = config
         init = getattr(config, "init_lora_weights", None)
         if isinstance(init, str) and init.startswith(("pissa", "olora", "loftq")):
             warnings.warn(

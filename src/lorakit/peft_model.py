@@ -46,11 +46,12 @@ class PeftModel(nn.Module):
         self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs
     ) -> None:
         super().__init__()
+        then = kwargs.pop("_then", None)  # from_pretrained's weight load, inside the injection's undo
         _reject_unsupported_kwargs(kwargs, ("autocast_adapter_dtype", "low_cpu_mem_usage"))
         peft_config = self._with_task_heads(peft_config)
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
-        self.base_model = LoraModel(model, peft_config, adapter_name)
+        self.base_model = LoraModel(model, peft_config, adapter_name, then=then)
         self.forward = types.MethodType(_forward_with_signature_of(model), self)
 
     # ---- pass-through ----------------------------------------------------------------------
@@ -309,11 +310,9 @@ class PeftModel(nn.Module):
         state = read_adapter_weights(folder)
         peft_cls = MODEL_TYPE_TO_PEFT_MODEL.get(config.task_type, PeftModel) if cls is PeftModel else cls
         requires_grad = {param: param.requires_grad for param in model.parameters()}
-        peft_model = peft_cls(model, config, adapter_name)
         try:
-            peft_model._load_weights(adapter_name, state, folder)
+            peft_model = peft_cls(model, config, adapter_name, _then=_weights_loader(state, folder))
         except Exception:
-            peft_model.base_model.unload()
             for param, flag in requires_grad.items():
                 param.requires_grad_(flag)
             raise
@@ -335,22 +334,13 @@ class PeftModel(nn.Module):
         config = PeftConfig.from_pretrained(folder)
         config.inference_mode = not is_trainable
         state = read_adapter_weights(folder)
-        self.add_adapter(adapter_name, config)
-        try:
-            self._load_weights(adapter_name, state, folder)
-        except Exception:
-            self.base_model.delete_adapter(adapter_name, unwrap_empty=True)
-            raise
+        self.base_model.inject_adapter(
+            adapter_name,
+            self._with_task_heads(config),
+            then=_weights_loader(state, folder),
+        )
         if not is_trainable:
             self.eval()
-
-    def _load_weights(self, adapter_name: str, state: dict[str, torch.Tensor], source: str) -> None:
-        config = self.peft_config[adapter_name]
-        slots = adapter_slots(
-            self.get_base_model(), adapter_name, bias_mode(config), save_embedding_layers=True
-        )
-        check_fits(slots, state, source)
-        copy_into(slots, state)
 
     def _with_task_heads(self, config: PeftConfig) -> PeftConfig:
         heads = TASK_HEAD_MODULES.get(getattr(self, "task_type", None) or "", ())
@@ -358,6 +348,18 @@ class PeftModel(nn.Module):
             present = config.modules_to_save or []
             config.modules_to_save = present + [h for h in heads if h not in present]
         return config
+
+
+def _weights_loader(state: dict[str, torch.Tensor], source: str):
+    """`LoraModel.inject_adapter`'s `then` for a load: check that `state` fits the new adapter, copy it in."""
+
+    def load(lora_model: LoraModel, adapter_name: str) -> None:
+        config = lora_model.peft_config[adapter_name]
+        slots = adapter_slots(lora_model.model, adapter_name, bias_mode(config), save_embedding_layers=True)
+        check_fits(slots, state, source)
+        copy_into(slots, state)
+
+    return load
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -539,4 +541,4 @@ def set_peft_model_state_dict(
     model: PeftModel, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default"
 ) -> None:
     """Load file-keyed tensors into adapter `adapter_name`; checks every key and shape first."""
-    model._load_weights(adapter_name, peft_model_state_dict, "the given state dict")
+    _weights_loader(peft_model_state_dict, "the given state dict")(model.base_model, adapter_name)
