@@ -1,0 +1,104 @@
+"""The `lorakit` command when things go wrong: failed writes, stale base models, bad data rows, and
+resuming from the last checkpoint."""
+
+import errno
+import os
+import resource
+import signal
+from contextlib import contextmanager
+
+import pytest
+import yaml
+from safetensors import SafetensorError
+
+import lorakit.checkpoint
+from lorakit.cli import main
+
+from .conftest import tiny_bert_recipe
+
+
+def write_recipe(folder, **overrides):
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_bert_recipe(**overrides)))
+    return path
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines lorakit wrote to stderr (transformers' progress bars share the stream)."""
+    return [line for line in stderr.splitlines() if line.startswith("lorakit")]
+
+
+@contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past `nbytes` into any file fail in this process, as the kernel fails them on a full
+    disk (with EFBIG where a full disk says ENOSPC); no root and no special file system needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny-BERT run (adapter, recipe and `base_model` in one folder)."""
+    folder = tmp_path_factory.mktemp("trained")
+    assert main(["train", str(write_recipe(folder)), "--output_dir", str(folder / "run")]) == 0
+    return folder / "run"
+
+
+# ---- 1. failed writes ----------------------------------------------------------------------------
+def test_a_write_the_kernel_refuses_during_merge_is_one_line_exit_2_and_leaves_nothing(
+    trained, tmp_path, capsys
+):
+    out = tmp_path / "merged"
+    with file_size_limit(64 * 1024):  # the merged model's weights are megabytes
+        status = main(["merge", str(trained), "--out", str(out)])
+    stderr = capsys.readouterr().err
+    assert status == 2
+    assert error_lines(stderr) == [
+        f"lorakit: error: merge failed on {out}: {os.strerror(errno.EFBIG)} (errno {errno.EFBIG}); "
+        "raise the file-size limit (ulimit -f), or point --out at another disk."
+    ]
+    assert "Traceback" not in stderr
+    assert not any(tmp_path.iterdir())  # neither the folder nor its staging copy
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda path: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path),
+        # what safetensors' writer raises on a full disk: the errno in its text, no path
+        lambda path: SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        ),
+    ],
+    ids=["OSError", "SafetensorError"],
+)
+def test_a_full_disk_while_saving_the_adapter_is_one_line_exit_2_and_leaves_no_partial_file(
+    failure, tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+
+    def full_disk(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * 1000)  # the part that fitted
+        raise failure(filename)
+
+    monkeypatch.setattr(lorakit.checkpoint, "save_file", full_disk)
+    status = main(["train", str(write_recipe(tmp_path)), "--output_dir", str(run)])
+    stderr = capsys.readouterr().err
+    assert status == 2
+    (line,) = error_lines(stderr)
+    assert line.startswith(f"lorakit: error: train failed on {run}")
+    assert line.endswith(
+        f": {os.strerror(errno.ENOSPC)} (errno {errno.ENOSPC}); free some space there, or point "
+        "--output_dir at another disk."
+    )
+    assert "Traceback" not in stderr
+    left = {p.name for p in run.iterdir()}
+    assert "adapter_model.safetensors" not in left and "adapter_config.json" not in left
+    assert not [name for name in left if name.endswith(".tmp")]
