@@ -2,6 +2,7 @@
 resuming from the last checkpoint."""
 
 import errno
+import json
 import os
 import resource
 import signal
@@ -102,3 +103,41 @@ def test_a_full_disk_while_saving_the_adapter_is_one_line_exit_2_and_leaves_no_p
     left = {p.name for p in run.iterdir()}
     assert "adapter_model.safetensors" not in left and "adapter_config.json" not in left
     assert not [name for name in left if name.endswith(".tmp")]
+
+
+# ---- 2. the base model built from model_config -----------------------------------------------------
+def test_a_target_that_matches_nothing_leaves_no_base_model_behind(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", str(write_recipe(tmp_path)), "--output_dir", str(run)]
+    assert main([*argv, "--lora_target_modules", "[qurey]"]) == 2
+    assert "matched no module" in capsys.readouterr().err
+    assert not run.exists() or not any(run.iterdir())  # no base_model, no staging copy of it
+
+
+def test_a_rerun_with_a_changed_model_config_rebuilds_the_base_model(tmp_path):
+    run = tmp_path / "run"
+    argv = ["train", str(write_recipe(tmp_path)), "--output_dir", str(run), "--max_steps", "1"]
+    assert main(argv) == 0
+    built = tiny_bert_recipe()["model_config"]
+    wider = {**built, "intermediate_size": built["intermediate_size"] + 16}
+    assert main([*argv, "--model_config", json.dumps(wider)]) == 0
+    saved = json.loads((run / "base_model" / "config.json").read_text())
+    assert saved["intermediate_size"] == wider["intermediate_size"]
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # nor the one it replaced
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged")]) == 0  # the adapter fits it
+
+
+def test_resuming_onto_a_base_model_built_from_another_model_config_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", str(write_recipe(tmp_path, save_strategy="steps", save_steps=1, max_steps=1))]
+    assert main([*argv, "--output_dir", str(run)]) == 0
+    built = tiny_bert_recipe()["model_config"]
+    wider = {**built, "intermediate_size": built["intermediate_size"] + 16}
+    resume = [*argv, "--output_dir", str(run), "--resume", "--max_steps", "2"]
+    assert main([*resume, "--model_config", json.dumps(wider)]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert f"{run / 'base_model'} was built from another model_config" in line
+    assert f"intermediate_size: {built['intermediate_size']} there, {wider['intermediate_size']} in" in line
+    saved = json.loads((run / "base_model" / "config.json").read_text())
+    assert saved["intermediate_size"] == built["intermediate_size"]
+    assert main([*resume, "--model_config", json.dumps(built)]) == 0  # its own config resumes
