@@ -141,3 +141,53 @@ def test_resuming_onto_a_base_model_built_from_another_model_config_is_refused(t
     saved = json.loads((run / "base_model" / "config.json").read_text())
     assert saved["intermediate_size"] == built["intermediate_size"]
     assert main([*resume, "--model_config", json.dumps(built)]) == 0  # its own config resumes
+
+
+# ---- 3. data rows ----------------------------------------------------------------------------------
+GOOD = [{"text": "turn on the light", "label": "on"}, {"text": "turn it off", "label": "off"}]
+SFT = [{"prompt": "2+2=", "completion": " 4"}, {"prompt": "3+3=", "completion": " 6"}]
+DPO = [{"prompt": "Say hi", "chosen": "hi", "rejected": "no"}] * 2
+
+
+@pytest.mark.parametrize(
+    "recipe, rows, message",
+    [
+        (None, [*GOOD, {"text": "dim it"}], "row 2 has no 'label' value; give it one or drop the row"),
+        (None, [{"text": "x", "label": None}, *GOOD, {"text": "y"}], "row 0 has no 'label' value (nor does 1 more row)"),
+        (None, [*GOOD, {"text": "dim it", "label": ["on"]}], "row 2: 'label' (label_column) must be a string or an integer, got list ['on']"),
+        (None, [{"text": "dim it", "label": {"name": "on"}}, *GOOD], "row 0: 'label' (label_column) must be a string or an integer, got dict {'name': 'on'}"),
+        (None, [*GOOD, {"text": 42, "label": "on"}], "row 2: 'text' (text_column) must be a string, got int 42"),
+        ("sft", [*SFT, {"prompt": "1+1=", "completion": 2}], "row 2: 'completion' (completion_column) must be a string, got int 2"),
+        ("sft", [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": "hi"}], "row 1: 'messages' (messages_column) must be a list of {'role': ..., 'content': ...} objects, got str 'hi'"),
+        ("sft", [{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"content": "hi"}]}], "row 1: 'messages' (messages_column) must be a list of {'role': ..., 'content': ...} objects, got list"),
+        ("dpo", [*DPO, {"prompt": "Say hi", "chosen": ["hi"], "rejected": "no"}], "row 2: 'chosen' (chosen_column) must be a string, got list ['hi']"),
+    ],
+    ids=["missing-label", "missing-labels", "list-label", "dict-label", "int-text", "int-completion", "str-messages", "roleless-message", "list-chosen"],
+)  # fmt: skip
+def test_a_bad_data_row_is_named_with_its_index_column_and_type(recipe, rows, message, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    name = recipe or str(write_recipe(tmp_path))
+    argv = [
+        "train",
+        name,
+        "--train_file",
+        str(data),
+        "--eval_file",
+        "null",
+        "--output_dir",
+        str(tmp_path / "run"),
+    ]
+    assert main(argv) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert line.startswith("lorakit: error: train data row ") and message in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_bad_eval_row_is_named_as_eval_data(tmp_path, capsys):
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in [*GOOD, {"text": "dim", "label": [1]}]))
+    recipe = write_recipe(tmp_path)
+    assert main(["train", str(recipe), "--eval_file", str(data), "--output_dir", str(tmp_path / "run")]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "eval data row 2: 'label' (label_column) must be a string or an integer, got list" in line

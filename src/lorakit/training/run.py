@@ -99,6 +99,7 @@ def train(
     tokenizer = load_tokenizer(recipe)
     train_rows = _rows(train_dataset, keys.train_file, "train_file", keys.max_train_samples)
     eval_rows = _rows(eval_dataset, keys.eval_file, "eval_file", keys.max_eval_samples, required=False)
+    D.check_columns(keys, train_rows, "train data")  # before label_names reads the labels
     labels = D.label_names(train_rows, keys.label_column) if keys.task == "classification" else None
     train_examples = examples_for(recipe, tokenizer, train_rows, labels, "train data")
     eval_examples = examples_for(recipe, tokenizer, eval_rows, labels, "eval data") if eval_rows else []
