@@ -150,9 +150,7 @@ def classification_examples(
     unknown = sorted({str(row[keys.label_column]) for row in rows} - set(index))
     if unknown:
         raise RecipeError(f"{source} has labels {unknown} that the training data lacks (labels: {labels}).")
-    encoded = tokenizer(
-        [row[keys.text_column] for row in rows], truncation=True, max_length=keys.max_length
-    )
+    encoded = tokenizer([row[keys.text_column] for row in rows], truncation=True, max_length=keys.max_length)
     return [
         {"input_ids": ids, "labels": index[str(row[keys.label_column])]}
         for ids, row in zip(encoded["input_ids"], rows)
