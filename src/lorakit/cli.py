@@ -5,14 +5,18 @@
     lorakit info ADAPTER                                   config, targets, parameter counts, base
     lorakit recipes                                        the shipped recipes
 
-Errors in what the user gave (recipe, files, adapter folders) print one message and exit with 2.
+Errors in what the user gave (recipe, files, adapter folders) print one message and exit with 2, and
+so do failed reads and writes (a full disk, a read-only folder): one line with what failed, the path,
+the system's reason and a hint, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,22 +33,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if rest and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    from safetensors import SafetensorError
+
     from .training.recipe import RecipeError
 
+    destination = None  # where the command writes, named when a write fails without naming a file
     try:
         if args.command == "train":
             from transformers.utils import logging as hf_logging
 
-            from .training.recipe import parse_overrides
+            from .training.recipe import load_recipe, parse_overrides
             from .training.run import train
 
             # the command prints its own summary; transformers' load reports and bars would bury it
             hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
 
-            recipe = rest.pop(0) if rest and not rest[0].startswith("-") else None
-            train(recipe, overrides=parse_overrides(rest), resume=args.resume)
+            name = rest.pop(0) if rest and not rest[0].startswith("-") else None
+            recipe = load_recipe(name, parse_overrides(rest))
+            destination = recipe.training["output_dir"]
+            train(recipe, resume=args.resume)
         elif args.command == "merge":
+            destination = args.out
             out = merge(args.adapter, args.out, safe_merge=args.safe_merge)
             print(f"lorakit: merged model written to {out}")
         elif args.command == "info":
@@ -54,10 +64,43 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, path in sorted(shipped_recipes().items()):
                 print(f"{name:12s} {path}")
-    except (RecipeError, FileNotFoundError, FileExistsError, NotImplementedError, ValueError) as err:
+    except (OSError, SafetensorError) as err:
+        print(f"lorakit: error: {_io_failure(args.command, err, destination)}", file=sys.stderr)
+        return 2
+    except (RecipeError, NotImplementedError, ValueError) as err:
         print(f"lorakit: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+# what to do about a failed write, by errno; the flag names where the command writes
+_IO_HINTS = {
+    errno.ENOSPC: "free some space there, or point {flag} at another disk",
+    errno.EDQUOT: "free some of your quota there, or point {flag} at another disk",
+    errno.EFBIG: "raise the file-size limit (ulimit -f), or point {flag} at another disk",
+    errno.EACCES: "make it writable for you, or point {flag} elsewhere",
+    errno.EPERM: "make it writable for you, or point {flag} elsewhere",
+    errno.EROFS: "the file system is read-only; point {flag} elsewhere",
+}
+
+
+def _io_failure(command: str, err: Exception, destination: str | None) -> str:
+    """One line for a failed read or write: the command, the path, the system's reason, a hint.
+
+    `err` is an OSError or a safetensors `SafetensorError`, whose text carries the errno
+    (`... I/O error: No space left on device (os error 28)`) but no path; `destination` (the
+    command's output folder) stands in for a path the error does not name.
+    """
+    code = getattr(err, "errno", None)
+    if code is None:
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        code = int(found.group(1)) if found else None
+    if code is None:  # lorakit's own FileNotFoundError / FileExistsError: already a full message
+        return str(err)
+    path = getattr(err, "filename", None) or destination or "?"
+    flag = "--out" if command == "merge" else "--output_dir"
+    hint = _IO_HINTS.get(code, "check that path").format(flag=flag)
+    return f"{command} failed on {path}: {os.strerror(code)} (errno {code}); {hint}."
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ Every example is a dict of token-id lists; the collators pad them on the right:
   the prompt, or every chat turn but the assistant's);
 - DPO: `prompt_ids`, `chosen_ids`, `rejected_ids`, joined by `DpoCollator` into one batch of
   2 x B sequences (chosen first) whose `labels` mask the prompt.
+The `*_examples` functions take rows that `check_columns` has passed.
 """
 
 from __future__ import annotations
@@ -87,16 +88,50 @@ def required_columns(keys: RecipeKeys, rows: list[dict[str, Any]]) -> dict[str, 
 
 
 def check_columns(keys: RecipeKeys, rows: list[dict[str, Any]], source: str) -> None:
-    """Raise RecipeError naming the missing column, the recipe key that names it, and what is there."""
+    """Check that every row holds a value of the right type in each column the task reads.
+
+    Text columns hold strings, a label column strings or integers, a messages column lists of
+    `{"role": ..., "content": ...}` objects. Rows are counted from 0, in file order.
+
+    Raises:
+        RecipeError: naming the missing column and the recipe key that names it (with the columns
+            that are there), or the first row whose value is missing or of another type (with the
+            column and the value's type).
+    """
     present = set(rows[0])
     for key, column in required_columns(keys, rows).items():
-        missing = [i for i, row in enumerate(rows) if column not in row or row[column] is None]
-        if missing:
-            where = "" if len(missing) == len(rows) else f" (row {missing[0]} and {len(missing) - 1} more)"
+        missing = [i for i, row in enumerate(rows) if row.get(column) is None]
+        if len(missing) == len(rows):
             raise RecipeError(
-                f"{source} has no column {column!r}{where}; its columns are {sorted(present)}. "
+                f"{source} has no column {column!r}; its columns are {sorted(present)}. "
                 f"Set {key}: <column> in the recipe."
             )
+        if missing:
+            others = len(missing) - 1
+            more = {0: "", 1: " (nor does 1 more row)"}.get(others, f" (nor do {others} more rows)")
+            raise RecipeError(
+                f"{source} row {missing[0]} has no {column!r} value{more}; give it one or drop the row."
+            )
+        kinds, wanted = _COLUMN_TYPES.get(key, ((str,), "a string"))
+        for i, row in enumerate(rows):
+            value = row[column]
+            if not isinstance(value, kinds) or (key == "messages_column" and not _is_chat(value)):
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+                raise RecipeError(
+                    f"{source} row {i}: {column!r} ({key}) must be {wanted}, got "
+                    f"{type(value).__name__} {shown}."
+                )
+
+
+# what each column must hold (any other column the tasks read: a string)
+_COLUMN_TYPES = {
+    "label_column": ((str, int), "a string or an integer"),
+    "messages_column": ((list,), "a list of {'role': ..., 'content': ...} objects"),
+}
+
+
+def _is_chat(messages: list) -> bool:
+    return all(isinstance(m, dict) and "role" in m for m in messages)
 
 
 def label_names(rows: list[dict[str, Any]], column: str) -> list[str]:
@@ -115,9 +150,7 @@ def classification_examples(
     unknown = sorted({str(row[keys.label_column]) for row in rows} - set(index))
     if unknown:
         raise RecipeError(f"{source} has labels {unknown} that the training data lacks (labels: {labels}).")
-    encoded = tokenizer(
-        [str(row[keys.text_column]) for row in rows], truncation=True, max_length=keys.max_length
-    )
+    encoded = tokenizer([row[keys.text_column] for row in rows], truncation=True, max_length=keys.max_length)
     return [
         {"input_ids": ids, "labels": index[str(row[keys.label_column])]}
         for ids, row in zip(encoded["input_ids"], rows)
@@ -146,11 +179,6 @@ def dpo_examples(rows: list[dict[str, Any]], tokenizer, keys: RecipeKeys) -> lis
     eos = end_of_text_id(tokenizer)
     examples = []
     for row in rows:
-        for column in (keys.prompt_column, keys.chosen_column, keys.rejected_column):
-            if not isinstance(row[column], str):
-                raise RecipeError(
-                    f"DPO column {column!r} must hold strings, got {type(row[column]).__name__}."
-                )
         prompt = _prefix(tokenizer) + _ids(tokenizer, row[keys.prompt_column])
         if keys.max_prompt_length is not None:
             prompt = prompt[-keys.max_prompt_length :]
@@ -241,7 +269,7 @@ def pad(sequences: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Ten
 
 # ---- helpers -------------------------------------------------------------------------------------
 def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(str(text), add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _prefix(tokenizer) -> list[int]:
@@ -268,8 +296,6 @@ def _chat_example(messages: list[dict[str, str]], tokenizer, max_length: int) ->
     (`add_generation_prompt=True`) to the end of the conversation rendered up to it; tokens whose
     characters fall inside a span are learned.
     """
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise RecipeError("A messages column must hold lists of {'role': ..., 'content': ...} objects.")
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = []
     for i, message in enumerate(messages):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,12 +99,13 @@ def train(
     tokenizer = load_tokenizer(recipe)
     train_rows = _rows(train_dataset, keys.train_file, "train_file", keys.max_train_samples)
     eval_rows = _rows(eval_dataset, keys.eval_file, "eval_file", keys.max_eval_samples, required=False)
+    D.check_columns(keys, train_rows, "train data")  # before label_names reads the labels
     labels = D.label_names(train_rows, keys.label_column) if keys.task == "classification" else None
     train_examples = examples_for(recipe, tokenizer, train_rows, labels, "train data")
     eval_examples = examples_for(recipe, tokenizer, eval_rows, labels, "eval data") if eval_rows else []
 
-    base = build_model(recipe, tokenizer, labels, args)
-    model = get_peft_model(base, adapter_config(recipe, base.config.model_type))
+    base = build_model(recipe, tokenizer, labels, args, resume=checkpoint is not None)
+    model = _adapt(recipe, base, tokenizer, args, resume=checkpoint is not None)
     collate = collator_for(keys.task, tokenizer)
     trainer_cls = DpoTrainer if keys.task == "dpo" else LoraPlusTrainer
     extra = {"beta": keys.beta} if keys.task == "dpo" else {}
@@ -198,14 +201,19 @@ def collator_for(task: str, tokenizer):
     return (D.DpoCollator if task == "dpo" else D.PadCollator)(tokenizer.pad_token_id)
 
 
-def build_model(recipe: Recipe, tokenizer, labels: list[str] | None, args=None) -> torch.nn.Module:
+def build_model(
+    recipe: Recipe, tokenizer, labels: list[str] | None, args=None, *, resume: bool = False
+) -> torch.nn.Module:
     """The base model: pretrained (`model_name_or_path`) or built from `model_config` and seeded.
 
-    A model built from a config is saved to `<output_dir>/base_model` (and reloaded from there on a
-    resume), so the adapter's `base_model_name_or_path` names a model that exists.
+    With `args`, a model built from a config is named `<output_dir>/base_model`, so the adapter's
+    `base_model_name_or_path` names a model that exists (`train` saves it there once the adapter
+    fits it). With `resume`, the model is reloaded from that folder, after checking that it was
+    built from this `model_config`: the checkpoints were trained on it.
 
     Raises:
-        RecipeError: the model cannot be loaded, or its config is invalid.
+        RecipeError: the model cannot be loaded, its config is invalid, or the `base_model` a
+            resume would reload was built from another `model_config`.
     """
     keys = recipe.keys
     auto = AutoModelForSequenceClassification if keys.task == "classification" else AutoModelForCausalLM
@@ -218,10 +226,7 @@ def build_model(recipe: Recipe, tokenizer, labels: list[str] | None, args=None) 
         }
     dtype = getattr(torch, keys.torch_dtype) if keys.torch_dtype != "auto" else "auto"
     source = keys.model_name_or_path
-    saved = Path(args.output_dir) / BASE_MODEL_FOLDER if args is not None else None
-    if keys.model_config is not None and saved is not None:
-        source = str(saved.resolve()) if (saved / "config.json").is_file() else None
-    if source is None:
+    if keys.model_config is not None:
         settings = dict(keys.model_config)
         model_type = settings.pop("model_type")
         settings.setdefault("vocab_size", len(tokenizer))
@@ -230,12 +235,14 @@ def build_model(recipe: Recipe, tokenizer, labels: list[str] | None, args=None) 
             config = AutoConfig.for_model(model_type, **settings, **head)
         except (ValueError, TypeError) as err:
             raise RecipeError(f"model_config is not a valid {model_type!r} config: {err}") from None
-        model = auto.from_config(config)
-        if saved is not None:
-            if args.process_index == 0:
-                save_folder_atomically(saved, model, tokenizer)  # other ranks may be looking for it
-            model.name_or_path = model.config._name_or_path = str(saved.resolve())
-        return model.to(dtype) if dtype != "auto" else model
+        saved = _saved_base(recipe, args, resume)
+        if saved is None:
+            model = auto.from_config(config)
+            if args is not None:
+                model.name_or_path = model.config._name_or_path = str(_base_folder(args).resolve())
+            return model.to(dtype) if dtype != "auto" else model
+        _check_saved_base(saved, config, ["model_type", *settings, *head])
+        source = str(saved.resolve())
     try:
         return auto.from_pretrained(source, dtype=dtype, **head)
     except (OSError, ValueError) as err:
@@ -301,6 +308,61 @@ def _training_arguments(recipe: Recipe) -> LoraPlusTrainingArguments:
         return LoraPlusTrainingArguments(**settings)
     except (ValueError, TypeError, ImportError) as err:
         raise RecipeError(f"Training arguments: {err}") from None
+
+
+def _base_folder(args) -> Path:
+    return Path(args.output_dir) / BASE_MODEL_FOLDER
+
+
+def _saved_base(recipe: Recipe, args, resume: bool) -> Path | None:
+    """The `base_model` folder a resume reloads (None: build the model from `model_config`)."""
+    if recipe.keys.model_config is None or args is None or not resume:
+        return None
+    folder = _base_folder(args)
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _check_saved_base(saved: Path, config, names: list[str]) -> None:
+    """Raise RecipeError naming every config value among `names` that `saved` was not built with."""
+    built = AutoConfig.from_pretrained(saved)
+    differ = [
+        f"{name}: {getattr(built, name, None)!r} there, {getattr(config, name, None)!r} in the recipe"
+        for name in names
+        if getattr(built, name, None) != getattr(config, name, None)
+    ]
+    if differ:
+        raise RecipeError(
+            f"--resume: {saved} was built from another model_config ({'; '.join(differ)}), and the "
+            "checkpoints were trained on it. Resume with the model_config it was built from, or train "
+            "from scratch into another output_dir."
+        )
+
+
+def _adapt(recipe: Recipe, base, tokenizer, args, resume: bool):
+    """`base` with the recipe's adapters; a base built from `model_config` is saved to
+    `<output_dir>/base_model` only once the adapters fit it.
+
+    The base is saved before the adapters go in (they change the model in place), into a staging
+    folder that replaces `base_model` when `get_peft_model` succeeds and is removed when it fails:
+    a failed run leaves no base behind, and a fresh run never keeps a stale one.
+    """
+    staging = None
+    if _saved_base(recipe, args, resume) is None and recipe.keys.model_config is not None:
+        if args.process_index == 0:  # the other ranks built the same seeded model
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{BASE_MODEL_FOLDER}-", dir=args.output_dir))
+            save_folder_atomically(staging / BASE_MODEL_FOLDER, base, tokenizer)
+    try:
+        model = get_peft_model(base, adapter_config(recipe, base.config.model_type))
+        if staging is not None:
+            folder = _base_folder(args)
+            if folder.exists():  # from an earlier run into this output_dir, which this one restarts
+                os.replace(folder, staging / "replaced")
+            os.replace(staging / BASE_MODEL_FOLDER, folder)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return model
 
 
 def _checkpoint_to_resume(args, resume: bool) -> str | None:
