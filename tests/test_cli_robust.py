@@ -9,8 +9,10 @@ import signal
 from contextlib import contextmanager
 
 import pytest
+import torch
 import yaml
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 import lorakit.checkpoint
 from lorakit.cli import main
@@ -191,3 +193,49 @@ def test_a_bad_eval_row_is_named_as_eval_data(tmp_path, capsys):
     assert main(["train", str(recipe), "--eval_file", str(data), "--output_dir", str(tmp_path / "run")]) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert "eval data row 2: 'label' (label_column) must be a string or an integer, got list" in line
+
+
+# ---- 4. resuming at max_steps, and the run's own files ------------------------------------------
+def logged_steps(run) -> list[int]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [entry["step"] for entry in map(json.loads, lines) if "loss" in entry]
+
+
+def test_resume_from_a_checkpoint_at_max_steps_inside_an_epoch_trains_no_extra_step(tmp_path):
+    # 16 rows in batches of 8: step 5 ends inside the third epoch, where transformers would train a 6th
+    recipe = write_recipe(tmp_path, max_steps=5, save_strategy="steps", save_steps=5)
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--output_dir", str(run)]) == 0
+    straight = load_file(run / "adapter_model.safetensors")
+    assert (run / "checkpoint-5").is_dir() and logged_steps(run) == [1, 2, 3, 4, 5]
+    (run / "adapter_model.safetensors").unlink()  # as if killed after the last checkpoint
+    (run / "adapter_config.json").unlink()
+
+    assert main(["train", str(recipe), "--output_dir", str(run), "--resume"]) == 0
+    resumed = load_file(run / "adapter_model.safetensors")
+    assert resumed.keys() == straight.keys()
+    for key, value in straight.items():
+        assert torch.equal(resumed[key], value), key
+    assert logged_steps(run) == [1, 2, 3, 4, 5]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 5
+
+
+def test_a_failed_write_of_summary_json_keeps_the_previous_one_whole(tmp_path, monkeypatch, capsys):
+    recipe = write_recipe(tmp_path, max_steps=1)
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--output_dir", str(run)]) == 0
+    before = (run / "summary.json").read_text()
+    real_replace = os.replace
+
+    def refuse_summary(src, dst, *args, **kwargs):
+        if str(dst).endswith("summary.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(lorakit.checkpoint.os, "replace", refuse_summary)
+    assert main(["train", str(recipe), "--output_dir", str(run), "--max_steps", "2"]) == 2
+    (line,) = error_lines(capsys.readouterr().err)
+    assert "summary.json" in line and os.strerror(errno.ENOSPC) in line
+    assert (run / "summary.json").read_text() == before  # the old summary, whole
+    assert json.loads(before)["steps"] == 1
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".")]

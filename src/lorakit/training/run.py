@@ -30,7 +30,7 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..bottleneck_config import BottleneckConfig
-from ..checkpoint import save_folder_atomically
+from ..checkpoint import atomic_write_text, save_folder_atomically
 from ..config import LoraConfig, TaskType
 from ..peft_model import get_peft_model
 from . import data as D
@@ -408,12 +408,13 @@ def _write_outputs(recipe: Recipe, labels: list[str] | None, result: TrainResult
     saved = recipe.to_dict()
     if labels is not None:
         saved["labels"] = labels
-    (out / RECIPE_FILE).write_text(yaml.safe_dump(saved, sort_keys=True))
+    # written through a temporary file and a rename: a crash leaves the old file or the new, never half
+    atomic_write_text(str(out / RECIPE_FILE), yaml.safe_dump(saved, sort_keys=True))
     if plot_loss(
         read_metrics(out / "metrics.jsonl"), out / "loss.png", f"lorakit {recipe.name}: {result.task}"
     ):
         result.loss_curve = str(out / "loss.png")
-    (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    atomic_write_text(str(out / "summary.json"), json.dumps(result.to_dict(), indent=2) + "\n")
 
 
 def _print_summary(result: TrainResult) -> None:
