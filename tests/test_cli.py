@@ -110,17 +110,12 @@ def losses(folder):
     ]
 
 
-@pytest.mark.xfail(
-    reason="resume drifts past 1e-6 from the uninterrupted run on this machine's packages "
-    "(transformers 5.24, accelerate 1.16; it passed at the last landing): cause under investigation, "
-    "see the closing note of stop 13 and issue 16.12",
-    strict=False,
-)
 def test_sigkill_then_resume_ends_with_the_uninterrupted_runs_adapter(tmp_path):
     settings = {**SFT_FAST, "max_steps": 60, "save_strategy": "steps", "save_steps": 5, "seed": 3}
     argv = ["train", "sft", *overrides_argv(settings)]
     killed_dir = tmp_path / "killed"
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    # the same threads as run_cli's runs: the killed run's steps must round as the uninterrupted run's
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "lorakit.cli", *argv, "--output_dir", str(killed_dir)],
         stdout=subprocess.DEVNULL,
