@@ -10,6 +10,17 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+
+def pytest_collection_modifyitems(items) -> None:
+    """Mark tests by where they live: `-m oracle` (PEFT comparisons) and `-m cuda` select them."""
+    for item in items:
+        path = item.path.as_posix()
+        if "/tests/oracle/" in path:
+            item.add_marker(pytest.mark.oracle)
+        if path.endswith("/tests/test_cuda.py"):
+            item.add_marker(pytest.mark.cuda)
+
+
 hf_logging.set_verbosity_error()
 
 

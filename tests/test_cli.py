@@ -110,6 +110,7 @@ def losses(folder):
     ]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_with_the_uninterrupted_runs_adapter(tmp_path):
     settings = {**SFT_FAST, "max_steps": 60, "save_strategy": "steps", "save_steps": 5, "seed": 3}
     argv = ["train", "sft", *overrides_argv(settings)]
@@ -151,6 +152,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_runs_adapter(tmp_path):
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in want], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_two_torchrun_processes_match_one_process_with_the_same_global_batch(tmp_path):
     recipe = tiny_bert_recipe()
     path = tmp_path / "recipe.yaml"

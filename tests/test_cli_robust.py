@@ -232,7 +232,7 @@ def test_a_failed_write_of_summary_json_keeps_the_previous_one_whole(tmp_path, m
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
         return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(lorakit.checkpoint.os, "replace", refuse_summary)
+    monkeypatch.setattr(os, "replace", refuse_summary)
     assert main(["train", str(recipe), "--output_dir", str(run), "--max_steps", "2"]) == 2
     (line,) = error_lines(capsys.readouterr().err)
     assert "summary.json" in line and os.strerror(errno.ENOSPC) in line

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.layers.lora import create_lora_layer
+from lorakit.layers.dispatch import create_lora_layer
 from lorakit.targeting import TargetPlan
 
 from .conftest import randomize_adapters, tiny_llama

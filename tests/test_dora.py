@@ -7,8 +7,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, get_peft_model
+from lorakit.layers.dispatch import create_lora_layer
 from lorakit.layers.dora import row_norm
-from lorakit.layers.lora import create_lora_layer
 from lorakit.targeting import TargetPlan
 
 

@@ -23,6 +23,8 @@ import sharded_lora  # noqa: E402
 
 MODES = ("fsdp2", "fsdp1_orig_params", "fsdp1_flat_params")
 
+pytestmark = pytest.mark.slow  # torchrun starts two processes per mode
+
 
 def _free_port() -> int:
     with socket.socket() as sock:

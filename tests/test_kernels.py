@@ -8,8 +8,8 @@ from torch import nn
 
 from lorakit import LoraConfig, kernels
 from lorakit.layers.base import AdapterLayer
+from lorakit.layers.dispatch import create_lora_layer
 from lorakit.layers.dora import row_norm
-from lorakit.layers.lora import create_lora_layer
 from lorakit.targeting import TargetPlan
 
 

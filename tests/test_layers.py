@@ -9,7 +9,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig
-from lorakit.layers.lora import Conv, Embedding, Linear, create_lora_layer
+from lorakit.layers.dispatch import create_lora_layer
+from lorakit.layers.lora import Conv, Embedding, Linear
 from lorakit.targeting import TargetPlan
 
 

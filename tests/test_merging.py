@@ -1,6 +1,6 @@
 """add_weighted_adapter and its merging algorithms, checked against their definitions.
 
-The pure functions of `lorakit.merging` are compared with the papers' definitions written out
+The pure functions of `lorakit.merge_utils` are compared with the papers' definitions written out
 entry by entry on small tensors; the adapter-level function is compared with the dense weighted sum
 of the true weight changes, `sum_i w_i * s_i * B_i A_i`, taken from each layer's `get_delta_weight`.
 """
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import merging
+from lorakit import merge_utils as merging
 from lorakit.layers.lora import LoraLayer
 from lorakit.weighted import add_weighted_adapter
 

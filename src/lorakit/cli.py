@@ -137,7 +137,7 @@ def merge(adapter: str | os.PathLike, out: str | os.PathLike, safe_merge: bool =
     Raises:
         FileExistsError: `out` exists. FileNotFoundError / ValueError: bad adapter folder or base.
     """
-    from .checkpoint import save_folder_atomically
+    from .files import save_folder_atomically
     from .peft_model import PeftModel
 
     out = Path(out)
@@ -179,8 +179,8 @@ def _base_from_config(adapter: Path, config):
         AutoTokenizer,
     )
 
-    from .checkpoint import read_adapter_weights
     from .config import TASK_HEAD_MODULES
+    from .files import read_adapter_weights
 
     base_path = config.base_model_name_or_path
     if not base_path:
@@ -211,8 +211,8 @@ def _base_from_config(adapter: Path, config):
 
 def info(adapter: str | os.PathLike) -> str:
     """A readable description of a saved adapter folder, from its files alone (no model is loaded)."""
-    from .checkpoint import read_adapter_weights
     from .config import PeftConfig
+    from .files import read_adapter_weights
 
     folder = Path(adapter)
     config = PeftConfig.from_pretrained(folder)

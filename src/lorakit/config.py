@@ -16,7 +16,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-CONFIG_NAME = "adapter_config.json"
+from .files import CONFIG_NAME, atomic_write_text, committed_files, finish_interrupted_save
+
 # The PEFT release whose file format lorakit reads and writes; stored as `peft_version` so PEFT
 # reads our files as its own.
 PEFT_FORMAT_VERSION = "0.21.2"
@@ -96,8 +97,6 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write `adapter_config.json` into `save_directory` atomically."""
-        from .checkpoint import atomic_write_text, finish_interrupted_save
-
         os.makedirs(save_directory, exist_ok=True)
         finish_interrupted_save(str(save_directory))  # or a pending config would shadow this one
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
@@ -132,8 +131,6 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None) -> PeftConfig:
         """Read `adapter_config.json` from a local folder (PEFT's layout)."""
-        from .checkpoint import committed_files
-
         folder = os.path.join(path, subfolder) if subfolder else str(path)
         file = committed_files(folder)[0]  # the pending config, after a save killed past its commit
         if not os.path.isfile(file):

@@ -31,8 +31,8 @@ try:  # transformers >= 5
 except ImportError:  # pragma: no cover - older transformers rotate inside _save_checkpoint only
     rotate_checkpoints = None
 
-from .checkpoint import read_adapter_weights
 from .config import PeftConfig
+from .files import read_adapter_weights
 from .layers.base import AdapterLayer, ModulesToSaveWrapper
 from .peft_model import PeftModel, get_peft_model, set_peft_model_state_dict
 

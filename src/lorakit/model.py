@@ -25,7 +25,8 @@ from .layers.base import (
     running_sample_adapters,
 )
 from .layers.bottleneck import BottleneckLayer
-from .layers.lora import LoraLayer, create_lora_layer, is_gpt2_conv1d
+from .layers.dispatch import create_lora_layer
+from .layers.lora import LoraLayer, is_gpt2_conv1d
 from .replication import replicate_layers
 from .targeting import is_internal_name, name_matches, plan_targets, resolve_target_modules
 

@@ -25,10 +25,10 @@ from .checkpoint import (
     check_fits,
     copy_into,
     full_tensors,
-    read_adapter_weights,
     save_adapter_files,
 )
 from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, TaskType, bias_mode
+from .files import read_adapter_weights
 from .layers.lora import Embedding
 from .model import LoraModel
 

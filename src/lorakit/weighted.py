@@ -6,7 +6,7 @@ has scaling 1 (r = lora_alpha = its rank, no rsLoRA), so its factors carry all o
 
 - `cat`: `B = [B_1 ... B_n]`, `A = [w_1 s_1 A_1; ...]`: exactly M, rank sum r_i.
 - `svd`: the best rank-k approximation of M (k = svd_rank, default the largest source rank),
-  computed from the factors (`merging.svd_of_factor_sum`), never from the dense M.
+  computed from the factors (`merge_utils.svd_of_factor_sum`), never from the dense M.
 - `ties_svd`, `dare_linear_svd`, `dare_ties_svd`, `magnitude_prune_svd`: the operator is applied
   to the dense changes `s_i B_i A_i` with weights w_i (as PEFT does), then the best rank-k SVD.
 - `linear`, `ties`, `dare_linear`, `dare_ties`, `magnitude_prune`: the operator is applied to the A
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import merging
+from . import merge_utils
 from .config import LoraConfig
 from .layers.base import ModulesToSaveWrapper
 from .layers.lora import Embedding, LoraLayer
@@ -95,7 +95,7 @@ def add_weighted_adapter(
         svd_rank: rank of the `svd` and `*_svd` results (default: the largest source rank). A
             module whose change has lower rank is zero-padded to it.
         svd_clamp: quantile q in [0, 1]; the SVD factors are clamped to [-hi, hi], hi their
-            q-quantile (PEFT's rule). Singular pairs have a fixed sign (`merging.canonical_signs`).
+            q-quantile (PEFT's rule). Singular pairs have a fixed sign (`merge_utils.canonical_signs`).
         svd_full_matrices: accepted for PEFT compatibility; the result never depends on it (only
             the leading singular vectors are used, so the reduced SVD is always computed).
         svd_driver: `torch.linalg.svd` driver ("gesvd", "gesvdj", "gesvda") used on CUDA; ignored
@@ -305,15 +305,15 @@ def _combine(
         lora_a = torch.cat([a * c for a, c in zip(lora_as, coefficients)])
         lora_b = torch.cat(lora_bs, dim=1)
     elif combination_type == "svd":
-        u, singular, vh = merging.svd_of_factor_sum(
+        u, singular, vh = merge_utils.svd_of_factor_sum(
             lora_bs, lora_as, torch.tensor(coefficients, dtype=dtype), driver, rank
         )
-        lora_b, lora_a = merging.low_rank_factors(u, singular, vh, rank, svd_clamp)
+        lora_b, lora_a = merge_utils.low_rank_factors(u, singular, vh, rank, svd_clamp)
     elif combination_type in DENSE_SVD_TYPES:
         deltas = [(b @ a) * layer.scaling[name] for (name, _), a, b in zip(present, lora_as, lora_bs)]
         weights = torch.tensor([w for _, w in present], dtype=dtype, device=device)
         merged = _apply(_OPERATORS[combination_type], deltas, weights, density, majority_sign_method)
-        lora_b, lora_a = merging.low_rank_factors(*merging.svd(merged, driver), rank, svd_clamp)
+        lora_b, lora_a = merge_utils.low_rank_factors(*merge_utils.svd(merged, driver), rank, svd_clamp)
     else:
         roots = [math.sqrt(abs(c)) for c in coefficients]
         weights_a = torch.tensor([math.copysign(r, c) for r, c in zip(roots, coefficients)], dtype=dtype)
@@ -326,14 +326,14 @@ def _combine(
 
 def _apply(operator: str, tensors, weights, density, majority_sign_method) -> torch.Tensor:
     if operator == "linear":
-        return merging.task_arithmetic(tensors, weights)
+        return merge_utils.task_arithmetic(tensors, weights)
     if operator == "magnitude_prune":
-        return merging.magnitude_prune(tensors, weights, density)
+        return merge_utils.magnitude_prune(tensors, weights, density)
     if operator == "dare_linear":
-        return merging.dare_linear(tensors, weights, density)
+        return merge_utils.dare_linear(tensors, weights, density)
     if operator == "ties":
-        return merging.ties(tensors, weights, density, majority_sign_method)
-    return merging.dare_ties(tensors, weights, density, majority_sign_method)
+        return merge_utils.ties(tensors, weights, density, majority_sign_method)
+    return merge_utils.dare_ties(tensors, weights, density, majority_sign_method)
 
 
 def _pad(lora_a: torch.Tensor, lora_b: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit import merging
+from lorakit import merge_utils as merging
 from lorakit.weighted import add_weighted_adapter
 
 from .oracle_helpers import lorakit, wrap

@@ -30,8 +30,8 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..bottleneck_config import BottleneckConfig
-from ..checkpoint import atomic_write_text, save_folder_atomically
 from ..config import LoraConfig, TaskType
+from ..files import atomic_write_text, save_folder_atomically
 from ..peft_model import get_peft_model
 from . import data as D
 from .callbacks import MetricsLog, ProgressBar, plot_loss, read_metrics
