@@ -22,7 +22,7 @@ from lorakit.layers import BottleneckLayer, LoraLayer
 from lorakit.optimizers import create_loraplus_optimizer
 from lorakit.training import LoraPlusTrainer, LoraPlusTrainingArguments
 
-from .conftest import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
+from .helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
 from .test_loraplus import Tokens, lr_and_decay_by_name
 
 ARCHITECTURES = ("bert", "llama", "gpt2", "t5")

@@ -17,7 +17,7 @@ from lorakit import (
     set_peft_model_state_dict,
 )
 
-from .conftest import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
+from .helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
 
 
 def trained(tmp_path, **config):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import lorakit.checkpoint
 from lorakit.cli import main
 
-from .conftest import tiny_bert_recipe
+from .helpers import tiny_bert_recipe
 
 
 def write_recipe(folder, **overrides):

@@ -8,7 +8,7 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.layers.dispatch import create_lora_layer
 from lorakit.targeting import TargetPlan
 
-from .conftest import randomize_adapters, tiny_llama
+from .helpers import randomize_adapters, tiny_llama
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

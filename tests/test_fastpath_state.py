@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, get_peft_model
-from tests.conftest import randomize_adapters, tiny_llama
+from tests.helpers import randomize_adapters, tiny_llama
 
 
 def lora_llama(**config):

@@ -11,7 +11,7 @@ from torch import nn
 from lorakit import LoraConfig, get_peft_model, kernels
 from lorakit.kernels import grouped
 
-from .conftest import randomize_adapters, tiny_llama
+from .helpers import randomize_adapters, tiny_llama
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

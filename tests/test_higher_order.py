@@ -13,7 +13,7 @@ from torch import nn
 
 import lorakit
 from lorakit import kernels
-from tests.conftest import randomize_adapters, tiny_llama
+from tests.helpers import randomize_adapters, tiny_llama
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))

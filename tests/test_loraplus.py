@@ -12,7 +12,7 @@ from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.optimizers import create_loraplus_optimizer
 from lorakit.training import LoraPlusTrainer, LoraPlusTrainingArguments
 
-from .conftest import tiny_llama
+from .helpers import tiny_llama
 
 
 def lr_and_decay_by_name(model, optimizer):

@@ -16,7 +16,7 @@ from lorakit import merge_utils as merging
 from lorakit.layers.lora import LoraLayer
 from lorakit.weighted import add_weighted_adapter
 
-from .conftest import assert_same_state, state_snapshot
+from .helpers import assert_same_state, state_snapshot
 
 
 # ---- the pure functions ------------------------------------------------------------------------

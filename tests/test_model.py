@@ -7,7 +7,7 @@ from torch import nn
 from lorakit import LoraConfig, PeftModelForCausalLM, get_peft_model, prepare_model_for_kbit_training
 from lorakit.layers import LoraLayer, ModulesToSaveWrapper
 
-from .conftest import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
+from .helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
 
 
 def logits(model, input_ids):

@@ -9,7 +9,7 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.layers import LoraLayer
 from lorakit.targeting import layer_index, name_matches, pattern_value
 
-from .conftest import assert_same_state, state_snapshot
+from .helpers import assert_same_state, state_snapshot
 
 
 def adapted(model) -> list[str]:

@@ -12,7 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from lorakit import LoftQConfig, LoraConfig, PeftModel, get_peft_model
 from lorakit.layers import LoraLayer
 
-from .conftest import tiny_llama
+from .helpers import tiny_llama
 
 INITS = [True, "gaussian", "pissa", "pissa_niter_4", "olora"]
 

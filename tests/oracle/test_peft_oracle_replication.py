@@ -7,7 +7,7 @@ import torch
 
 import lorakit
 
-from ..conftest import randomize_adapters, tiny_llama
+from ..helpers import randomize_adapters, tiny_llama
 
 peft = pytest.importorskip("peft")
 

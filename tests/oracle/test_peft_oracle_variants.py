@@ -8,7 +8,7 @@ import torch
 
 import lorakit
 
-from ..conftest import tiny_llama
+from ..helpers import tiny_llama
 
 peft = pytest.importorskip("peft")
 
