@@ -272,7 +272,9 @@ def info(adapter: str | os.PathLike) -> str:
 
 
 def _kind_of(key: str) -> str:
-    for kind in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
+    from .names import LORA_PARAMETERS
+
+    for kind in LORA_PARAMETERS:
         if f".{kind}" in key:
             return kind
     if ".modules_to_save." in key or not any(s in key for s in ("lora_", "adapter_")):

@@ -169,6 +169,13 @@ _KNOWN_INITS = ("gaussian", "pissa", "olora", "loftq", "eva", "corda", "orthogon
 # init strategies lorakit implements today; the others are accepted for file compatibility
 _BUILT_INITS = (True, False, "gaussian", "pissa", "olora", "loftq")
 
+
+def is_data_driven_init(init: bool | str) -> bool:
+    """Whether `init_lora_weights` computes the factors from the base weight and replaces that weight
+    (PiSSA, its fast-SVD form, OLoRA, LoftQ): the one test every module asks."""
+    return isinstance(init, str) and (init in ("pissa", "olora", "loftq") or init.startswith("pissa_niter_"))
+
+
 # PEFT fields lorakit stores but whose behaviour is not built yet: field -> the value meaning "off".
 _UNBUILT_FIELDS: dict[str, Any] = {
     "megatron_config": None,

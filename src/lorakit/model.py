@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .bottleneck_config import BottleneckConfig
 from .bottleneck_injection import inject_bottleneck
-from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, bias_mode
+from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, bias_mode, is_data_driven_init
 from .layers.base import (
     BASE_ADAPTER_NAME,
     AdapterLayer,
@@ -206,7 +206,7 @@ class LoraModel(nn.Module):
                 action()
             raise
         init = getattr(config, "init_lora_weights", None)
-        if isinstance(init, str) and init.startswith(("pissa", "olora", "loftq")):
+        if is_data_driven_init(init):
             warnings.warn(
                 f"init_lora_weights={init!r} replaced the targeted base weights (residual or quantized): "
                 "disable_adapter() and other adapters now see that base, not the original model. To share the "

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .layers.lora import Embedding
+from .names import LORAPLUS_B_SIDE
 
 
 def loraplus_param_groups(
@@ -96,7 +97,7 @@ def create_loraplus_optimizer(
 
 def _is_b_side(name: str) -> bool:
     parts = name.split(".")
-    return any(p in ("lora_B", "lora_magnitude_vector", "adapter_up") for p in parts)
+    return any(p in LORAPLUS_B_SIDE for p in parts)
 
 
 def _no_decay_params(model: nn.Module) -> set[int]:

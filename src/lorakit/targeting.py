@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .config import LoraConfig
+from .names import INTERNAL_PARTS
 
 # Module kinds the planner distinguishes. "adapted" is a module already wrapped by lorakit.
 SUPPORTED_KINDS = ("linear", "conv1d_gpt2", "embedding", "conv", "adapted")
@@ -50,24 +51,6 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "deberta-v2": ["query_proj", "value_proj"],
     "t5": ["q", "v"],
     "mt5": ["q", "v"],
-}
-
-# Name components that belong to lorakit's own wrappers; never targets themselves.
-_INTERNAL_PARTS = {
-    "base_layer",
-    "lora_A",
-    "lora_B",
-    "lora_dropout",
-    "lora_embedding_A",
-    "lora_embedding_B",
-    "lora_magnitude_vector",
-    "adapter_down",
-    "adapter_up",
-    "adapter_layer_norm",
-    "adapter_dropout",
-    "adapter_act",
-    "modules_to_save",
-    "original_module",
 }
 
 
@@ -233,7 +216,7 @@ def _warn_unused_patterns(config: LoraConfig, matched: list[str]) -> None:
 
 def is_internal_name(name: str) -> bool:
     """True for modules inside lorakit's own wrappers (`q_proj.lora_A.default`, `base_layer`, ...)."""
-    return any(part in _INTERNAL_PARTS for part in name.split("."))
+    return any(part in INTERNAL_PARTS for part in name.split("."))
 
 
 def _leaf_names(kinds: dict[str, str], wanted: Iterable[str]) -> list[str]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..bottleneck_config import BottleneckConfig
+from ..names import BOTTLENECK_PARAMETERS
 from .base import AdapterLayer
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -36,7 +37,7 @@ class BottleneckLayer(AdapterLayer):
     returns a tuple (some attention modules), the adapters act on its first element.
     """
 
-    adapter_layer_names = ("adapter_down", "adapter_up", "adapter_layer_norm", "adapter_scale")
+    adapter_layer_names = BOTTLENECK_PARAMETERS
     other_param_names = ("mode", "scaling", "adapter_dropout", "adapter_act")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:

@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn.modules import module as module_hooks
 
 from .. import kernels
-from ..config import LoraConfig
+from ..config import LoraConfig, is_data_driven_init
+from ..names import LORA_PARAMETERS
 from ..targeting import TargetPlan
 from .base import (
     AdapterLayer,
@@ -45,13 +46,7 @@ class LoraLayer(AdapterLayer):
 
     supports_mixed_batches = True
 
-    adapter_layer_names = (
-        "lora_A",
-        "lora_B",
-        "lora_embedding_A",
-        "lora_embedding_B",
-        "lora_magnitude_vector",
-    )
+    adapter_layer_names = LORA_PARAMETERS
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "_dora_merge_factor")
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -78,7 +73,7 @@ class LoraLayer(AdapterLayer):
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
         self._create(adapter_name, plan.r, config, factory)
-        if _is_data_driven(config.init_lora_weights):
+        if is_data_driven_init(config.init_lora_weights):
             self._initialise_from_weight(adapter_name, config)
         else:
             self._initialise(adapter_name, config.init_lora_weights)
@@ -567,10 +562,6 @@ def _global_hooks() -> bool:
         or module_hooks._global_backward_hooks
         or module_hooks._global_backward_pre_hooks
     )
-
-
-def _is_data_driven(init: bool | str) -> bool:
-    return isinstance(init, str) and (init in ("pissa", "olora", "loftq") or init.startswith("pissa_niter_"))
 
 
 def _conv_class(base: nn.Module) -> type[nn.Module]:
