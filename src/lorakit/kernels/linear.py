@@ -245,8 +245,7 @@ class LoraLinearFunction(torch.autograd.Function):
         elif need[3] and has_bias and not has_result:
             grad_bias = grad.sum(0)
         grad_weight = grad.t().mm(x) if need[2] else None
-        # dB^T = H^T dY: MKL runs this (r, out) orientation faster than dY^T H (r=16: up to 1.8x alone,
-        # about 1 ms of the benchmark Llama's 960 ms step)
+        # dB^T = H^T dY: MKL runs this (r, out) orientation faster than dY^T H (benchmarks/README.md)
         grad_b = hidden.t().mm(grad).t().to(weight_b.dtype) if need[5] else None
         grad_bias_b = (grad.sum(0) * ctx.scaling).to(weight_b.dtype) if need[6] and has_bias_b else None
         grad_given = grad_a = grad_x = None
@@ -373,7 +372,7 @@ def _flattens_to_view(x: torch.Tensor) -> bool:
 
 
 def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The 0/1 mask (uint8: arithmetic with it runs 2-3x faster than with bool on CPU) of the
+    """The 0/1 mask (uint8: arithmetic with it runs faster than with bool on CPU) of the
     elements dropout keeps: the same draw as `F.dropout(x, p)`, for any layout of x.
 
     On CPU that is `empty_like(x).bernoulli_(1 - p)`: per element, in the memory order of
@@ -381,7 +380,7 @@ def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     bits `v` from the global generator, `u = (v mod 2^53) * 2^-53`, kept when `u < 1 - p`.
     `randint(0, 2^53)` draws the same `v mod 2^53` (the generator advances alike), and `u < 1 - p`
     is `v mod 2^53 < ceil((1 - p) * 2^53)` exactly (scaling by a power of two is exact). That skips
-    the float conversion and runs about 1.8x as fast as `bernoulli_` or `torch.rand(float64)`; a
+    the float conversion, so it runs faster than `bernoulli_` or `torch.rand(float64)`; a
     non-contiguous x has its integers drawn into `empty_like(x)`, in the same order. Elsewhere the
     device's own dropout mask."""
     if x.device.type != "cpu":
