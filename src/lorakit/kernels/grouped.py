@@ -143,6 +143,10 @@ def _project(x, scale, keep, ranks, weights_a):
     return hidden.split(ranks, dim=1)
 
 
+# forward's inputs before the members' A weights: x, scale, keep, replay, ranks
+_FIXED_INPUTS = 5
+
+
 class GroupedProjection(torch.autograd.Function):
     """`H = (x * keep) [A_1; ...; A_k]^T * scale`, returned split per member: inputs x (N, in),
     scale (a number or (sum r,) per column), keep (N, in) 0/1 uint8 or None, the `InputReplay` of x or
@@ -153,7 +157,7 @@ class GroupedProjection(torch.autograd.Function):
     def forward(ctx, x, scale, keep, replay: InputReplay | None, ranks, *weights_a):
         ctx.set_materialize_grads(False)  # a hidden left unused (its layer not called) gets None
         hiddens = _project(x, scale, keep, ranks, weights_a)
-        needs_x = any(ctx.needs_input_grad[5:])
+        needs_x = any(ctx.needs_input_grad[_FIXED_INPUTS:])
         ctx.replay = replay if needs_x and replay is not None else None
         if ctx.replay is not None:
             ctx.replay.add_user()
@@ -168,20 +172,20 @@ class GroupedProjection(torch.autograd.Function):
         x, keep, *weights_a = ctx.saved_tensors
         used = [g is not None for g in grads]
         if not any(used):
-            return (None,) * (5 + len(ctx.ranks))
+            return (None,) * (_FIXED_INPUTS + len(ctx.ranks))
         present = next(g for g in grads if g is not None)
         grads = [
             g if g is not None else present.new_zeros(present.shape[0], r) for g, r in zip(grads, ctx.ranks)
         ]
         grad = torch.cat(grads, dim=1) if len(grads) > 1 else grads[0]
         grad = grad * ctx.scale
-        need = ctx.needs_input_grad
+        need = ctx.needs_input_grad  # (x, scale, keep, replay, ranks, *weights_a)
         grad_x = grad_as = None
         if need[0]:
             grad_x = grad.mm(torch.cat(weights_a).to(grad.dtype))
             if keep is not None:
                 grad_x.mul_(keep)
-        if any(need[5:]):
+        if any(need[_FIXED_INPUTS:]):
             if ctx.replay is not None:
                 x = ctx.replay.take().reshape(-1, ctx.in_features)
             masked = x if keep is None else x * keep
@@ -191,7 +195,7 @@ class GroupedProjection(torch.autograd.Function):
                 g.to(dtype) if member_used else None
                 for g, dtype, member_used in zip(stacked_grad.split(ctx.ranks), ctx.dtypes, used, strict=True)
             ]
-        return (grad_x, None, None, None, None, *(grad_as or [None] * len(ctx.ranks)))
+        return (grad_x, None, None, None, None, *(grad_as or [None] * len(ctx.ranks)))  # as forward's inputs
 
 
 def _scale(scalings: list[float], ranks: tuple[int, ...], x: torch.Tensor) -> torch.Tensor:

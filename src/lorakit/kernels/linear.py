@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -174,6 +175,25 @@ def _direction(x, weight, bias, result, hidden, b, bias_b, scaling):
     return direction if bias_b is None else direction.add(bias_b.to(direction.dtype), alpha=scaling)
 
 
+class Inputs(NamedTuple):
+    """`LoraLinearFunction`'s inputs by name, in `forward`'s order: read `ctx.needs_input_grad`
+    through it, and build backward's gradients with it."""
+
+    result: Any
+    x: Any
+    weight: Any
+    bias: Any
+    weight_a: Any
+    weight_b: Any
+    bias_b: Any
+    factor: Any
+    scaling: Any
+    p: Any
+    keep: Any
+    given: Any
+    replay: Any
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """See the module docstring. Shapes: result (N, out) or None, x (N, in), weight (out, in) or
     None, bias / bias_b / factor (out,) or None, weight_a (r, in) or None, weight_b (out, r),
@@ -199,7 +219,8 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.output = (out.detach(), out._version) if recover else None
         # a grouped DoRA layer keeps x too (double backward rebuilds its direction W x + s B h on the
         # graph); the group holds the same x for A's gradient, so it costs no memory
-        needs_x = ctx.needs_input_grad[2] or ctx.needs_input_grad[4] or bool(recover)
+        need = Inputs(*ctx.needs_input_grad)
+        needs_x = need.weight or need.weight_a or bool(recover)
         needs_x = needs_x or (factor is not None and given is not None)
         ctx.replay, ctx.in_features = _input_source(replay, needs_x), x.shape[-1]
         saved_x = x if ctx.replay is None and needs_x else None
@@ -217,7 +238,7 @@ class LoraLinearFunction(torch.autograd.Function):
         x, weight, bias, keep, weight_a, weight_b, bias_b, hidden, factor, saved = ctx.saved_tensors
         if ctx.replay is not None:
             x = ctx.replay.take().reshape(-1, ctx.in_features)
-        need = ctx.needs_input_grad
+        need = Inputs(*ctx.needs_input_grad)
         has_result, has_bias, has_bias_b = ctx.has
         kept = ctx.output
         if kept is not None:
@@ -233,49 +254,50 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_factor = grad_bias = None
         if factor is not None:
             f = factor.to(grad.dtype)
-            if need[7]:
+            if need.factor:
                 direction, from_output = _dora_direction(
                     ctx, kept, x, weight, bias, saved, hidden, b, bias_b, second_order
                 )
                 moment = (grad * direction).sum(0)
                 grad_factor = (moment / f if from_output else moment).to(factor.dtype)
-            if need[3] and has_bias:  # with a given result, the bias also reaches it through `result`
+            if need.bias and has_bias:  # with a given result, the bias also reaches it through `result`
                 grad_bias = grad.sum(0) * (1 - f) if has_result else grad.sum(0)
             grad = grad * f
-        elif need[3] and has_bias and not has_result:
+        elif need.bias and has_bias and not has_result:
             grad_bias = grad.sum(0)
-        grad_weight = grad.t().mm(x) if need[2] else None
+        grad_weight = grad.t().mm(x) if need.weight else None
         # dB^T = H^T dY: MKL runs this (r, out) orientation faster than dY^T H (benchmarks/README.md)
-        grad_b = hidden.t().mm(grad).t().to(weight_b.dtype) if need[5] else None
-        grad_bias_b = (grad.sum(0) * ctx.scaling).to(weight_b.dtype) if need[6] and has_bias_b else None
+        grad_b = hidden.t().mm(grad).t().to(weight_b.dtype) if need.weight_b else None
+        grad_bias_b = (grad.sum(0) * ctx.scaling).to(weight_b.dtype) if need.bias_b and has_bias_b else None
         grad_given = grad_a = grad_x = None
         if a is None:  # the hidden came from the group, which takes its gradient from here on
-            grad_given = grad.mm(b) if need[11] else None
-            if need[1] and weight is not None:
+            grad_given = grad.mm(b) if need.given else None
+            if need.x and weight is not None:
                 grad_x = grad.mm(weight)
-        elif need[1] or need[4]:
+        elif need.x or need.weight_a:
             # the gradient of `x * keep` (masked input) A^T, dropout's 1 / (1 - p) included
             grad_hidden = grad.mm(b).mul_(ctx.scaling / (1.0 - ctx.p))
-            if need[4]:
+            if need.weight_a:
                 grad_a = grad_hidden.t().mm(x if keep is None else x * keep).to(weight_a.dtype)
-            if need[1]:
+            if need.x:
                 grad_x = _input_grad(grad, weight, grad_hidden, a, keep)
         grad_result = grad if has_result else None
-        return (
-            grad_result,
-            grad_x,
-            grad_weight,
-            grad_bias,
-            grad_a,
-            grad_b,
-            grad_bias_b,
-            grad_factor,
-            None,
-            None,
-            None,
-            grad_given,
-            None,
+        grads = Inputs(
+            result=grad_result,
+            x=grad_x,
+            weight=grad_weight,
+            bias=grad_bias,
+            weight_a=grad_a,
+            weight_b=grad_b,
+            bias_b=grad_bias_b,
+            factor=grad_factor,
+            scaling=None,
+            p=None,
+            keep=None,
+            given=grad_given,
+            replay=None,
         )
+        return tuple(grads)
 
 
 def _need_input(x: torch.Tensor | None) -> torch.Tensor:
