@@ -17,6 +17,7 @@ from .linear import drop_probability, dropout_fusable, fusable, fused_linear
 
 
 def linear_with_adapter(
+    *,
     x: torch.Tensor,
     base_weight: torch.Tensor,
     base_bias: torch.Tensor | None,
@@ -49,12 +50,29 @@ def linear_with_adapter(
     result = F.linear(x, base_weight, base_bias)
     if factor is not None:
         return add_dora_linear(
-            result, x, base_weight, base_bias, weight_a, weight_b, factor, scaling, dropout
+            result=result,
+            x=x,
+            base_weight=base_weight,
+            base_bias=base_bias,
+            weight_a=weight_a,
+            weight_b=weight_b,
+            factor=factor,
+            scaling=scaling,
+            dropout=dropout,
         )
-    return add_lora_linear(result, x, weight_a, weight_b, bias_b, scaling, dropout)
+    return add_lora_linear(
+        result=result,
+        x=x,
+        weight_a=weight_a,
+        weight_b=weight_b,
+        bias_b=bias_b,
+        scaling=scaling,
+        dropout=dropout,
+    )
 
 
 def add_lora_linear(
+    *,
     result: torch.Tensor,
     x: torch.Tensor,
     weight_a: torch.Tensor,
@@ -81,6 +99,7 @@ def add_lora_linear(
 
 
 def add_lora_linear_(
+    *,
     result: torch.Tensor,
     x: torch.Tensor,
     weight_a: torch.Tensor,
@@ -98,6 +117,7 @@ def add_lora_linear_(
 
 
 def add_lora_embedding(
+    *,
     result: torch.Tensor,
     ids: torch.Tensor,
     weight_a: torch.Tensor,
@@ -118,6 +138,7 @@ def add_lora_embedding(
 
 
 def add_lora_conv(
+    *,
     result: torch.Tensor,
     x: torch.Tensor,
     conv_a: nn.Module,
@@ -153,6 +174,7 @@ def _lookup_columns(ids: torch.Tensor, weight_a: torch.Tensor, base: nn.Embeddin
 
 
 def add_dora_linear(
+    *,
     result: torch.Tensor,
     x: torch.Tensor,
     base_weight: torch.Tensor,
@@ -183,6 +205,7 @@ def add_dora_linear(
 
 
 def add_dora_embedding(
+    *,
     result: torch.Tensor,
     ids: torch.Tensor,
     weight_a: torch.Tensor,
@@ -198,6 +221,7 @@ def add_dora_embedding(
 
 
 def add_dora_conv(
+    *,
     result: torch.Tensor,
     x: torch.Tensor,
     base: nn.Module,

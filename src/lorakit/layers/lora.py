@@ -317,16 +317,16 @@ class Linear(LoraLayer):
         a, b = self.lora_A[first].weight, self.lora_B[first]
         spec = self._spec(first, x)
         result = kernels.linear_with_adapter(
-            x,
-            self._base_rows(),
-            self.base_layer.bias,
-            a,
-            b.weight,
-            b.bias,
-            self._dora_factor(first) if self.use_dora[first] else None,
-            self.scaling[first],
-            self.lora_dropout[first],
-            None if spec is None else kernels.sibling_hidden(self, x, spec),
+            x=x,
+            base_weight=self._base_rows(),
+            base_bias=self.base_layer.bias,
+            weight_a=a,
+            weight_b=b.weight,
+            bias_b=b.bias,
+            factor=self._dora_factor(first) if self.use_dora[first] else None,
+            scaling=self.scaling[first],
+            dropout=self.lora_dropout[first],
+            hidden=None if spec is None else kernels.sibling_hidden(self, x, spec),
         )
         for name in self._active_here()[1:]:
             result = self._add_adapter(name, result, x)
@@ -403,7 +403,9 @@ class Linear(LoraLayer):
         ):
             super()._add_in_place(name, result, x)
             return
-        kernels.add_lora_linear_(result, x, a, b.weight, b.bias, self.scaling[name])
+        kernels.add_lora_linear_(
+            result=result, x=x, weight_a=a, weight_b=b.weight, bias_b=b.bias, scaling=self.scaling[name]
+        )
 
     def _add_adapter(self, name: str, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if not self._kernels_exact(name):
@@ -411,18 +413,24 @@ class Linear(LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name]
         if self.use_dora[name]:
             return kernels.add_dora_linear(
-                result,
-                x,
-                self._base_rows(),
-                self.base_layer.bias,
-                a,
-                b.weight,
-                self._dora_factor(name),
-                self.scaling[name],
-                self.lora_dropout[name],
+                result=result,
+                x=x,
+                base_weight=self._base_rows(),
+                base_bias=self.base_layer.bias,
+                weight_a=a,
+                weight_b=b.weight,
+                factor=self._dora_factor(name),
+                scaling=self.scaling[name],
+                dropout=self.lora_dropout[name],
             )
         return kernels.add_lora_linear(
-            result, x, a, b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
+            result=result,
+            x=x,
+            weight_a=a,
+            weight_b=b.weight,
+            bias_b=b.bias,
+            scaling=self.scaling[name],
+            dropout=self.lora_dropout[name],
         )
 
 
@@ -482,8 +490,13 @@ class Embedding(LoraLayer):
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         if self.use_dora[name]:
             factor = self._dora_factor(name)
-            return kernels.add_dora_embedding(result, x, a, b, factor, self.scaling[name], self.base_layer)
-        return kernels.add_lora_embedding(result, x, a, b, self.scaling[name], self.base_layer)
+            return kernels.add_dora_embedding(
+                result=result, ids=x, weight_a=a, weight_b=b, factor=factor, scaling=self.scaling[name],
+                base=self.base_layer,
+            )  # fmt: skip
+        return kernels.add_lora_embedding(
+            result=result, ids=x, weight_a=a, weight_b=b, scaling=self.scaling[name], base=self.base_layer
+        )
 
 
 class Conv(LoraLayer):
@@ -536,11 +549,13 @@ class Conv(LoraLayer):
         if self.use_dora[name]:
             factor = self._dora_factor(name)
             return kernels.add_dora_conv(
-                result, x, self.base_layer, a, b.weight, factor, self.scaling[name], self.lora_dropout[name]
-            )
+                result=result, x=x, base=self.base_layer, conv_a=a, weight_b=b.weight, factor=factor,
+                scaling=self.scaling[name], dropout=self.lora_dropout[name],
+            )  # fmt: skip
         return kernels.add_lora_conv(
-            result, x, a, b.weight, b.bias, self.scaling[name], self.lora_dropout[name]
-        )
+            result=result, x=x, conv_a=a, weight_b=b.weight, bias_b=b.bias, scaling=self.scaling[name],
+            dropout=self.lora_dropout[name],
+        )  # fmt: skip
 
 
 def _hooked(module: nn.Module) -> bool:
