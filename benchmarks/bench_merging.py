@@ -7,7 +7,7 @@ alternating order, then deletes the new adapter (untimed); the ratio reported is
 per-repetition PEFT/lorakit ratios, so drifts in machine load hit both sides alike. Before timing,
 the new adapters' weight changes are compared between the libraries (the run aborts if they differ).
 
-lorakit is called as `lorakit.weighted.add_weighted_adapter(model.base_model, ...)`, the function
+lorakit is called as `lorakit.tuners.lora.weighted.add_weighted_adapter(model.base_model, ...)`, the function
 behind `PeftModel.add_weighted_adapter`.
 
 Usage: python benchmarks/bench_merging.py [--reps N] [--threads T] [--quick]
@@ -27,7 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
-from lorakit.weighted import add_weighted_adapter
+from lorakit.tuners.lora.weighted import add_weighted_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = ["one", "two", "three"]

@@ -18,9 +18,10 @@ from transformers import (
 )
 
 from lorakit import BottleneckConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
-from lorakit.layers import BottleneckLayer, LoraLayer
 from lorakit.optimizers import create_loraplus_optimizer
 from lorakit.training import LoraPlusTrainer, LoraPlusTrainingArguments
+from lorakit.tuners.bottleneck.layer import BottleneckLayer
+from lorakit.tuners.lora.layer import LoraLayer
 
 from .helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
 from .test_loraplus import Tokens, lr_and_decay_by_name

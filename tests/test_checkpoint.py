@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import lorakit.checkpoint as checkpoint
+import lorakit.save_and_load as checkpoint
 from lorakit import (
     LoraConfig,
     PeftModel,

@@ -14,7 +14,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import lorakit.checkpoint
+import lorakit.save_and_load
 from lorakit.cli import main
 
 from .helpers import tiny_bert_recipe
@@ -91,7 +91,7 @@ def test_a_full_disk_while_saving_the_adapter_is_one_line_exit_2_and_leaves_no_p
             handle.write(b"\0" * 1000)  # the part that fitted
         raise failure(filename)
 
-    monkeypatch.setattr(lorakit.checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(lorakit.save_and_load, "save_file", full_disk)
     status = main(["train", str(write_recipe(tmp_path)), "--output_dir", str(run)])
     stderr = capsys.readouterr().err
     assert status == 2

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.layers.dispatch import create_lora_layer
 from lorakit.targeting import TargetPlan
+from lorakit.tuners.lora.dispatch import create_lora_layer
 
 from .helpers import randomize_adapters, tiny_llama
 

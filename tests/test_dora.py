@@ -7,9 +7,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.layers.dispatch import create_lora_layer
-from lorakit.layers.dora import row_norm
 from lorakit.targeting import TargetPlan
+from lorakit.tuners.lora.dispatch import create_lora_layer
+from lorakit.tuners.lora.dora import row_norm
 
 
 def dora_layer(base: nn.Module, **config) -> nn.Module:

@@ -9,13 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lorakit.init import (
-    convert_to_plain_lora,
-    converted_rank_and_alpha,
-    gaussian_a,
-    olora_init,
-    pissa_init,
-)
+from lorakit.init import convert_to_plain_lora, converted_rank_and_alpha, gaussian_a, olora_init, pissa_init
 
 # (scaling, label): plain alpha/r with alpha != r, rsLoRA alpha/sqrt(r) for r=6, and below one
 SCALINGS = [(16 / 6, "alpha/r"), (16 / math.sqrt(6), "alpha/sqrt(r)"), (0.25, "small")]

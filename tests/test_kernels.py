@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import LoraConfig, kernels
-from lorakit.layers.base import AdapterLayer
-from lorakit.layers.dispatch import create_lora_layer
-from lorakit.layers.dora import row_norm
 from lorakit.targeting import TargetPlan
+from lorakit.tuners.base import AdapterLayer
+from lorakit.tuners.lora.dispatch import create_lora_layer
+from lorakit.tuners.lora.dora import row_norm
 
 
 def adapted_linear(names: dict[str, dict], bias: bool = True, in_features: int = 7, out: int = 5):

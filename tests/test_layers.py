@@ -9,9 +9,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit import LoraConfig
-from lorakit.layers.dispatch import create_lora_layer
-from lorakit.layers.lora import Conv, Embedding, Linear
 from lorakit.targeting import TargetPlan
+from lorakit.tuners.lora.dispatch import create_lora_layer
+from lorakit.tuners.lora.layer import Conv, Embedding, Linear
 
 
 def wrap(base: nn.Module, r: int = 4, alpha: float = 8, rslora: bool = False, **config) -> nn.Module:

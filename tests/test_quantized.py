@@ -11,7 +11,7 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit import LoraConfig, get_peft_model
-from lorakit.layers.quantized import QuantizedLinear
+from lorakit.tuners.lora.quantized import QuantizedLinear
 
 from .quantized_helpers import CONFIG, load_quantized, train_losses
 
@@ -308,7 +308,7 @@ def test_seed_001_gptj_8bit_snippet_trains(tmp_path):
     )
     lora_model = get_peft_model(model, lora_config)
     assert isinstance(
-        lora_model.base_model.model.transformer.h[0].mlp.fc_in, lorakit.layers.quantized.Linear8bitLt
+        lora_model.base_model.model.transformer.h[0].mlp.fc_in, lorakit.tuners.lora.quantized.Linear8bitLt
     )
     assert model.is_gradient_checkpointing
     lora_model.train()

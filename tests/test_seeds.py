@@ -36,7 +36,7 @@ from transformers import (  # noqa: E402
     T5Config,
 )
 
-from lorakit import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from lorakit import LoraConfig, PeftModel, get_peft_model
 
 VOCAB = 64
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29], [2, 4, 8, 16, 32, 3, 7, 11]])
@@ -340,7 +340,7 @@ def test_001_rank_pattern_and_alpha_pattern():
 
 
 def test_001_t5_lora_model_snippet():
-    from lorakit import LoraConfig, LoraModel  # the snippet's import, with peft -> lorakit
+    from lorakit import LoraConfig, LoraModel
 
     # 设置 LoRA 配置
     config = LoraConfig(
@@ -379,7 +379,7 @@ def test_001_t5_lora_model_snippet():
 
 def gptj_snippet() -> tuple[torch.nn.Module, torch.nn.Module]:
     """The article's GPT-J snippet; returns (model after prepare_model_for_kbit_training, lora_model)."""
-    from lorakit import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: F811
+    from lorakit import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     # 设置 LoRA 参数
     rank = 0  # device index in the article (device_map={"": rank}); unused on CPU
@@ -513,7 +513,7 @@ def saved_falcon_adapter(path) -> torch.Tensor:
 def test_001_from_pretrained_then_merge_and_unload_snippet(tmp_path, kwargs):
     from transformers import AutoModelForCausalLM  # noqa: F401,F811  (the snippet's imports)
 
-    from lorakit import PeftModel  # noqa: F811
+    from lorakit import PeftModel
 
     adapted = saved_falcon_adapter(tmp_path / "falcon-lora")
     base_out = logits(tiny_falcon())
@@ -644,7 +644,7 @@ def test_002_merge_adds_scaled_BA_to_the_weight_so_no_extra_latency():
 
 
 def test_003_rslora_snippet_scales_by_alpha_over_sqrt_r():
-    from lorakit import LoraConfig, get_peft_model  # noqa: F811
+    from lorakit import LoraConfig, get_peft_model
 
     base_model = tiny_llama()  # AutoModelForCausalLM.from_pretrained(...)
     # initialize the config as usual but with "use_rslora = True"

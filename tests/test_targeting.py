@@ -6,8 +6,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lorakit import LoraConfig, get_peft_model
-from lorakit.layers import LoraLayer
 from lorakit.targeting import layer_index, name_matches, pattern_value
+from lorakit.tuners.lora.layer import LoraLayer
 
 from .helpers import assert_same_state, state_snapshot
 

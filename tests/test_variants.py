@@ -10,7 +10,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lorakit import LoftQConfig, LoraConfig, PeftModel, get_peft_model
-from lorakit.layers import LoraLayer
+from lorakit.tuners.lora.layer import LoraLayer
 
 from .helpers import tiny_llama
 

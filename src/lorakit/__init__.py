@@ -4,9 +4,7 @@ Change `from peft import ...` to `from lorakit import ...`; adapters saved by ei
 in the other.
 """
 
-from .bottleneck_config import BottleneckConfig
-from .config import LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType
-from .layers.quantized import replace_lora_weights_loftq
+from .config import PeftConfig, PeftType, TaskType
 from .model import LoraModel
 from .nf4 import NF4Linear, quantize_model_nf4
 from .optimizers import create_loraplus_optimizer
@@ -22,6 +20,9 @@ from .peft_model import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+from .tuners.bottleneck.config import BottleneckConfig
+from .tuners.lora.config import LoftQConfig, LoraConfig
+from .tuners.lora.quantized import replace_lora_weights_loftq
 from .utils import prepare_model_for_kbit_training
 
 __version__ = "0.1.0"

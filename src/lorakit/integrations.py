@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover - older transformers rotate inside _save
 
 from .config import PeftConfig
 from .files import read_adapter_weights
-from .layers.base import AdapterLayer, ModulesToSaveWrapper
 from .peft_model import PeftModel, get_peft_model, set_peft_model_state_dict
+from .tuners.base import AdapterLayer, ModulesToSaveWrapper
 
 # Where a checkpoint is written before it is renamed to `checkpoint-N` (inside the run folder).
 STAGING_FOLDER = ".checkpoint-in-progress"

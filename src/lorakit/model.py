@@ -14,21 +14,23 @@ from collections.abc import Callable, Iterator
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bottleneck_config import BottleneckConfig
-from .bottleneck_injection import inject_bottleneck
-from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, bias_mode, is_data_driven_init
-from .layers.base import (
+from .config import PeftConfig, bias_mode
+from .replication import replicate_layers
+from .tuners.base import (
     BASE_ADAPTER_NAME,
     AdapterLayer,
     ModulesToSaveWrapper,
     bind_sample_adapters,
     running_sample_adapters,
 )
-from .layers.bottleneck import BottleneckLayer
-from .layers.dispatch import create_lora_layer
-from .layers.lora import LoraLayer, is_gpt2_conv1d
-from .replication import replicate_layers
-from .targeting import is_internal_name, name_matches, plan_targets, resolve_target_modules
+from .tuners.bottleneck.config import BottleneckConfig
+from .tuners.bottleneck.inject import inject_bottleneck
+from .tuners.bottleneck.layer import BottleneckLayer
+from .tuners.inject import parent_of
+from .tuners.lora.config import LoraConfig, is_data_driven_init
+from .tuners.lora.inject import inject_lora
+from .tuners.lora.layer import LoraLayer, is_gpt2_conv1d
+from .tuners.lora.weighted import plan_weighted_adapter
 
 
 def module_kind(module: nn.Module) -> str:
@@ -232,74 +234,8 @@ class LoraModel(nn.Module):
 
     def _inject(self, adapter_name: str, config: LoraConfig | BottleneckConfig, undo: list) -> None:
         kinds = {name: module_kind(module) for name, module in self.model.named_modules()}
-        if isinstance(config, BottleneckConfig):
-            inject_bottleneck(self, adapter_name, config, kinds, undo)
-            return
-        model_config = getattr(self.model, "config", None)
-        output = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
-        output_head = next(
-            (n for n, m in self.model.named_modules() if output is not None and m is output), None
-        )
-        config.target_modules = resolve_target_modules(
-            config, kinds, getattr(model_config, "model_type", None), output_head
-        )
-        plan = plan_targets(kinds, config, config.target_modules)
-        save_names = self._modules_to_save_targets(config, kinds, set(plan))
-        for name, target_plan in plan.items():
-            self._add_lora(name, adapter_name, target_plan, config, undo)
-        for name in save_names:
-            self._add_module_to_save(name, adapter_name, undo)
-
-    def _add_lora(self, name: str, adapter_name: str, target_plan, config: LoraConfig, undo: list) -> None:
-        parent, attr = self._parent(name)
-        target = getattr(parent, attr)
-        base = target.base_layer if isinstance(target, LoraLayer) else target
-        weight = base.weight  # data-driven inits (PiSSA, OLoRA, LoftQ) replace it
-        undo.append(lambda: setattr(base, "weight", weight))
-        if isinstance(target, LoraLayer):
-            undo.append(lambda: target.delete_adapter(adapter_name) if adapter_name in target.r else None)
-            target.update_layer(adapter_name, target_plan, config)
-            return
-        layer = create_lora_layer(target, config, name)
-        layer.update_layer(adapter_name, target_plan, config)
-        layer.set_adapter(self._active_adapter)
-        setattr(parent, attr, layer)
-        undo.append(lambda: setattr(parent, attr, target))
-
-    def _add_module_to_save(self, name: str, adapter_name: str, undo: list) -> None:
-        parent, attr = self._parent(name)
-        target = getattr(parent, attr)
-        if isinstance(target, ModulesToSaveWrapper):
-            target.add_copy(adapter_name)
-            undo.append(lambda: target.delete_adapter(adapter_name))
-        else:
-            wrapper = ModulesToSaveWrapper(target, adapter_name)
-            wrapper.set_adapter(self._active_adapter)
-            setattr(parent, attr, wrapper)
-            undo.append(lambda: setattr(parent, attr, target))
-
-    def _modules_to_save_targets(
-        self, config: LoraConfig | BottleneckConfig, kinds: dict[str, str], lora_names: set[str]
-    ) -> list[str]:
-        wanted = config.modules_to_save or []
-        automatic = set(TASK_HEAD_MODULES.get(config.task_type or "", ()))
-        names = [n for n in kinds if n and not is_internal_name(n)]
-        chosen = []
-        for key in wanted:
-            hits = [n for n in names if name_matches(n, [key])]
-            if not hits and key not in automatic:
-                raise ValueError(
-                    f"modules_to_save entry {key!r} matched no module of the model; "
-                    f"check the name (top-level children: {', '.join(n for n in names if '.' not in n)})."
-                )
-            chosen += hits
-        clash = sorted(set(chosen) & lora_names)
-        if clash:
-            raise ValueError(
-                f"{clash[0]!r} is both an adapter target and in modules_to_save; a module is either adapted or "
-                "trained in full. Remove it from one of the two."
-            )
-        return list(dict.fromkeys(chosen))
+        family = inject_bottleneck if isinstance(config, BottleneckConfig) else inject_lora
+        family(self.model, adapter_name, config, kinds, self._active_adapter, undo)
 
     def delete_adapter(self, adapter_name: str, unwrap_empty: bool = False) -> None:
         """Remove adapter `adapter_name` everywhere.
@@ -323,10 +259,10 @@ class LoraModel(nn.Module):
     def add_weighted_adapter(
         self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs
     ) -> None:
-        """Combine existing adapters into a new one (see `lorakit.weighted.add_weighted_adapter`)."""
-        from .weighted import add_weighted_adapter
-
-        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
+        """Combine existing adapters into a new one (`lorakit.tuners.lora.weighted` plans it, this
+        injects it; a failure leaves the model as it was)."""
+        plan = plan_weighted_adapter(self.model, self.peft_config, adapters, weights, adapter_name, **kwargs)
+        self.inject_adapter(adapter_name, plan.config, then=lambda _, name: plan.fill(name))
 
     # ---- merging and unloading -------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -427,8 +363,7 @@ class LoraModel(nn.Module):
                 setattr(parent, attr, module.original_module)
 
     def _parent(self, name: str) -> tuple[nn.Module, str]:
-        parent_name, _, attr = name.rpartition(".")
-        return (self.model.get_submodule(parent_name) if parent_name else self.model), attr
+        return parent_of(self.model, name)
 
 
 def _untie_merge_targets(layers: list[AdapterLayer], adapter_names: list[str] | None) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layers.lora import Embedding
 from .names import LORAPLUS_B_SIDE
+from .tuners.lora.layer import Embedding
 
 
 def loraplus_param_groups(

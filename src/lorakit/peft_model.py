@@ -17,8 +17,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .bottleneck_config import BottleneckConfig
-from .checkpoint import (
+from .config import TASK_HEAD_MODULES, PeftConfig, TaskType, bias_mode
+from .files import read_adapter_weights
+from .model import LoraModel
+from .save_and_load import (
     FSDP1_WRAPPED,
     Slot,
     adapter_slots,
@@ -27,10 +29,9 @@ from .checkpoint import (
     full_tensors,
     save_adapter_files,
 )
-from .config import TASK_HEAD_MODULES, LoraConfig, PeftConfig, TaskType, bias_mode
-from .files import read_adapter_weights
-from .layers.lora import Embedding
-from .model import LoraModel
+from .tuners.bottleneck.config import BottleneckConfig
+from .tuners.lora.config import LoraConfig
+from .tuners.lora.layer import Embedding
 
 
 class PeftModel(nn.Module):
@@ -125,7 +126,7 @@ class PeftModel(nn.Module):
         """Add `adapter_name`, a weighted combination of `adapters` (PEFT's eleven combination types).
 
         The new adapter is inactive until `set_adapter(adapter_name)`. See
-        `lorakit.weighted.add_weighted_adapter` for each form and where lorakit differs from PEFT.
+        `lorakit.tuners.lora.weighted.add_weighted_adapter` for each form and where lorakit differs from PEFT.
         """
         self.base_model.add_weighted_adapter(
             adapters,

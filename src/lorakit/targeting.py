@@ -13,8 +13,8 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .config import LoraConfig
 from .names import INTERNAL_PARTS
+from .tuners.lora.config import LoraConfig
 
 # Module kinds the planner distinguishes. "adapted" is a module already wrapped by lorakit.
 SUPPORTED_KINDS = ("linear", "conv1d_gpt2", "embedding", "conv", "adapted")

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from lorakit import LoraConfig, PeftModel, get_peft_model
-from lorakit.layers.lora import LoraLayer
+from lorakit.tuners.lora.layer import LoraLayer
 
 STEPS = 3
 GLOBAL_BATCH = 4

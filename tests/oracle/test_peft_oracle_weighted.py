@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorakit import merge_utils as merging
-from lorakit.weighted import add_weighted_adapter
+from lorakit.tuners.lora.weighted import add_weighted_adapter
 
 from .oracle_helpers import lorakit, wrap
 

@@ -29,10 +29,11 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..bottleneck_config import BottleneckConfig
-from ..config import LoraConfig, TaskType
+from ..config import TaskType
 from ..files import atomic_write_text, save_folder_atomically
 from ..peft_model import get_peft_model
+from ..tuners.bottleneck.config import BottleneckConfig
+from ..tuners.lora.config import LoraConfig
 from . import data as D
 from .callbacks import MetricsLog, ProgressBar, plot_loss, read_metrics
 from .dpo import DpoTrainer

@@ -24,20 +24,16 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import merge_utils
+from ... import merge_utils
+from ...targeting import name_matches
+from ..base import ModulesToSaveWrapper
 from .config import LoraConfig
-from .layers.base import ModulesToSaveWrapper
-from .layers.lora import Embedding, LoraLayer
-from .targeting import name_matches
-
-if TYPE_CHECKING:
-    from .model import LoraModel
+from .layer import Embedding, LoraLayer
 
 FACTOR_TYPES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 DENSE_SVD_TYPES = ("ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -68,7 +64,39 @@ class _Combined:
 
 
 def add_weighted_adapter(
-    lora_model: LoraModel,
+    lora_model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str, **options
+) -> None:
+    """Plan the combination (`plan_weighted_adapter`) and add it to `lora_model`, a `LoraModel`
+    (`peft_model.base_model`), whose `inject_adapter` fills the new adapter inside its undo scope."""
+    plan = plan_weighted_adapter(
+        lora_model.model, lora_model.peft_config, adapters, weights, adapter_name, **options
+    )
+    lora_model.inject_adapter(adapter_name, plan.config, then=lambda _, name: plan.fill(name))
+
+
+@dataclasses.dataclass
+class WeightedPlan:
+    """A combined adapter ready to add: its config, and per module what `fill` stores in it."""
+
+    config: LoraConfig
+    modules: dict[str, nn.Module]
+    combined: dict[str, _Combined]
+    saved_copies: dict[str, str]  # modules_to_save name -> the source adapter whose copy is taken
+
+    def fill(self, adapter_name: str) -> None:
+        """Store the combined factors (and trained copies) in the just-injected `adapter_name`."""
+        for name, result in self.combined.items():
+            _store(self.modules[name], adapter_name, result)
+        for name, source in self.saved_copies.items():
+            wrapper = self.modules[name]
+            wrapper.modules_to_save[adapter_name].load_state_dict(
+                wrapper.modules_to_save[source].state_dict()
+            )
+
+
+def plan_weighted_adapter(
+    model: nn.Module,
+    configs: dict,
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
@@ -80,13 +108,14 @@ def add_weighted_adapter(
     density: float | None = None,
     majority_sign_method: str = "total",
     progressbar: bool = False,
-) -> None:
-    """Add adapter `adapter_name` combining `adapters` with `weights` (PEFT's `add_weighted_adapter`).
+) -> WeightedPlan:
+    """Plan adapter `adapter_name` combining `adapters` with `weights` (PEFT's `add_weighted_adapter`);
+    nothing is changed until the plan is injected (`add_weighted_adapter`, `LoraModel`).
 
     The new adapter is inactive (call `set_adapter(adapter_name)`) and frozen, like PEFT's.
 
     Args:
-        lora_model: the `LoraModel` holding the adapters (`peft_model.base_model`).
+        model: the adapted model (`LoraModel.model`); configs: its adapters' configs by name.
         adapters: names of existing adapters; plain LoRA (DoRA adapters are refused).
         weights: one number per adapter; negative subtracts. For TIES forms a negative weight
             negates the adapter before the sign election.
@@ -112,9 +141,9 @@ def add_weighted_adapter(
             trained copy of one `modules_to_save` module. The model is unchanged then.
     """
     adapters, weights = list(adapters), [float(w) for w in weights]
-    _check_adapters(lora_model, adapters, weights, adapter_name)
+    _check_adapters(configs, adapters, weights, adapter_name)
     _check_options(combination_type, svd_rank, svd_clamp, svd_driver, density, majority_sign_method)
-    modules = dict(lora_model.model.named_modules())
+    modules = dict(model.named_modules())
     layers = _layers_with(modules, adapters)
     _check_layers(layers, adapters, combination_type)
     ranks = {a: max((layer.r[a] for _, layer in layers if a in layer.r), default=0) for a in adapters}
@@ -132,25 +161,14 @@ def add_weighted_adapter(
             layer, present, combination_type, new_rank, svd_clamp, driver, density, majority_sign_method
         )
     saved_copies = _modules_to_save_sources(modules, adapters)
-    config = _new_config(lora_model.peft_config[adapters[0]], modules, new_rank, combined, saved_copies)
+    config = _new_config(configs[adapters[0]], modules, new_rank, combined, saved_copies)
 
-    lora_model.inject_adapter(adapter_name, config)
-    try:  # the targets are existing layers and wrappers: `modules` still holds them
-        for name, result in combined.items():
-            _store(modules[name], adapter_name, result)
-        for name, source in saved_copies.items():
-            wrapper = modules[name]
-            wrapper.modules_to_save[adapter_name].load_state_dict(
-                wrapper.modules_to_save[source].state_dict()
-            )
-    except Exception:
-        lora_model.delete_adapter(adapter_name)
-        raise
+    return WeightedPlan(config, modules, combined, saved_copies)
 
 
 # ---- checks -------------------------------------------------------------------------------------
-def _check_adapters(lora_model, adapters: list[str], weights: list[float], adapter_name: str) -> None:
-    known = list(lora_model.peft_config)
+def _check_adapters(configs: dict, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+    known = list(configs)
     if not adapters:
         raise ValueError("adapters is empty; name at least one adapter to combine.")
     unknown = [a for a in adapters if a not in known]
@@ -168,12 +186,12 @@ def _check_adapters(lora_model, adapters: list[str], weights: list[float], adapt
             f"(or delete_adapter({adapter_name!r}) first)."
         )
     for adapter in adapters:
-        if not isinstance(lora_model.peft_config[adapter], LoraConfig):
+        if not isinstance(configs[adapter], LoraConfig):
             raise ValueError(
-                f"Adapter {adapter!r} is a {lora_model.peft_config[adapter].peft_type} adapter; add_weighted_adapter "
+                f"Adapter {adapter!r} is a {configs[adapter].peft_type} adapter; add_weighted_adapter "
                 "combines LoRA adapters only (a bottleneck adapter has no low-rank weight change)."
             )
-        if getattr(lora_model.peft_config[adapter], "use_dora", False):
+        if getattr(configs[adapter], "use_dora", False):
             raise ValueError(
                 f"Adapter {adapter!r} is a DoRA adapter: its weight change rescales the whole weight and is not "
                 "low-rank, so it cannot be combined into a LoRA adapter. Merge it with merge_and_unload, or "

@@ -15,9 +15,9 @@ import math
 import torch
 from torch import nn
 
-from ..bottleneck_config import BottleneckConfig
-from ..names import BOTTLENECK_PARAMETERS
-from .base import AdapterLayer
+from ...names import BOTTLENECK_PARAMETERS
+from ..base import AdapterLayer
+from .config import BottleneckConfig
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 

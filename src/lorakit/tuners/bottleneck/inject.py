@@ -1,22 +1,18 @@
 """Carry out a `BottleneckConfig` on a model: which sublayers get wrapped, with what sizes.
 
-Called by `LoraModel.inject_adapter`, which owns the undo list (a failure anywhere leaves the
+Called by `LoraModel.inject_adapter` (like `tuners/lora/inject.py`), which owns the undo list (a failure anywhere leaves the
 model as it was) and the adapter bookkeeping; LoRA and bottleneck adapters share that lifecycle.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
-from .bottleneck_config import BottleneckConfig, default_targets
-from .layers.bottleneck import BottleneckLayer
-from .layers.lora import adapter_dtype, is_gpt2_conv1d
-from .targeting import name_matches, select_targets
-
-if TYPE_CHECKING:
-    from .model import LoraModel
+from ...targeting import name_matches, select_targets
+from ..inject import add_module_to_save, modules_to_save_targets, replace_module
+from ..lora.layer import adapter_dtype, is_gpt2_conv1d
+from .config import BottleneckConfig, default_targets
+from .layer import BottleneckLayer
 
 # module kinds (see `model.module_kind`) a bottleneck adapter cannot wrap, and why
 _REFUSED = {
@@ -28,19 +24,24 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 
 
 def inject_bottleneck(
-    lora_model: LoraModel, adapter_name: str, config: BottleneckConfig, kinds: dict[str, str], undo: list
+    model: nn.Module,
+    adapter_name: str,
+    config: BottleneckConfig,
+    kinds: dict[str, str],
+    active: list[str],
+    undo: list,
 ) -> None:
     """Wrap every selected sublayer in a `BottleneckLayer` (or add to an existing one).
 
     Args:
-        kinds: module name -> kind for every module of `lora_model.model`.
+        kinds: module name -> kind for every module of `model`.
+        active: the model's active adapters (new layers start with them).
         undo: actions that revert what was done, appended as it is done.
 
     Raises:
         ValueError: nothing matches, a match cannot take a bottleneck adapter, one match contains
             another, or its sizes cannot be found.
     """
-    model = lora_model.model
     model_config = getattr(model, "config", None)
     if config.target_modules is None:
         config.target_modules, config.exclude_modules = _defaults(model_config, config)
@@ -48,12 +49,12 @@ def inject_bottleneck(
     names = select_targets(kinds, config, config.target_modules)
     modules = dict(model.named_modules())
     _check_targets(names, kinds, modules)
-    save_names = lora_model._modules_to_save_targets(config, kinds, set(names))
+    save_names = modules_to_save_targets(config, kinds, set(names))
     hidden_size = getattr(model_config, "hidden_size", None)
     for name in names:
-        _add_bottleneck(lora_model, name, adapter_name, config, hidden_size, undo)
+        _add_bottleneck(model, name, adapter_name, config, hidden_size, active, undo)
     for name in save_names:
-        lora_model._add_module_to_save(name, adapter_name, undo)
+        add_module_to_save(model, name, adapter_name, active, undo)
 
 
 def _defaults(model_config, config: BottleneckConfig) -> tuple[set[str], set[str] | None]:
@@ -114,15 +115,15 @@ def _check_targets(names: list[str], kinds: dict[str, str], modules: dict[str, n
 
 
 def _add_bottleneck(
-    lora_model: LoraModel,
+    model: nn.Module,
     name: str,
     adapter_name: str,
     config: BottleneckConfig,
     hidden_size: int | None,
+    active: list[str],
     undo: list,
 ) -> None:
-    parent, attr = lora_model._parent(name)
-    target = getattr(parent, attr)
+    target = model.get_submodule(name)
     if isinstance(target, BottleneckLayer):
         layer = target
         undo.append(
@@ -132,12 +133,11 @@ def _add_bottleneck(
         in_features, out_features = _sizes(name, target, hidden_size)
         layer = BottleneckLayer(target, in_features, out_features)
         layer.module_name = name
-        setattr(parent, attr, layer)
-        undo.append(lambda: setattr(parent, attr, target))
+        replace_module(model, name, layer, undo)
     reference = next(layer.base_layer.parameters(), None)
     factory = {} if reference is None else {"device": reference.device, "dtype": adapter_dtype(reference)}
     layer.update_layer(adapter_name, config, factory)
-    layer.set_adapter(lora_model.active_adapters)
+    layer.set_adapter(active)
 
 
 def _sizes(name: str, module: nn.Module, hidden_size: int | None) -> tuple[int, int]:

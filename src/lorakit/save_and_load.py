@@ -28,9 +28,9 @@ from .files import (
     finish_interrupted_save,
     pending_name,
 )
-from .layers.base import ModulesToSaveWrapper
-from .layers.bottleneck import BottleneckLayer
-from .layers.lora import Embedding, LoraLayer
+from .tuners.base import ModulesToSaveWrapper
+from .tuners.bottleneck.layer import BottleneckLayer
+from .tuners.lora.layer import Embedding, LoraLayer
 
 PREFIX = "base_model.model."
 # The attribute FSDP1 (FullyShardedDataParallel) wraps a module under; it is no part of a file key.

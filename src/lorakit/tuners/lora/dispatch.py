@@ -8,8 +8,8 @@ import warnings
 
 from torch import nn
 
-from ..config import LoraConfig
-from .lora import Conv, Embedding, Linear, LoraLayer, is_gpt2_conv1d
+from .config import LoraConfig
+from .layer import Conv, Embedding, Linear, LoraLayer, is_gpt2_conv1d
 from .quantized import dispatch_quantized
 
 

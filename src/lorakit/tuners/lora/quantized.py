@@ -18,9 +18,9 @@ import warnings
 import torch
 from torch import nn
 
-from ..config import LoraConfig
-from ..quant import _balanced_rank_r_factors
-from .lora import Linear, LoraLayer
+from ...quant import _balanced_rank_r_factors
+from .config import LoraConfig
+from .layer import Linear, LoraLayer
 
 
 class QuantizedLinear(Linear):
@@ -186,7 +186,7 @@ class NF4LoraLinear(QuantizedLinear):
 
 def dispatch_quantized(target: nn.Module) -> LoraLayer | None:
     """The quantized LoRA layer for `target`, or None when `target` is not a quantized linear layer."""
-    from ..nf4 import NF4Linear
+    from ...nf4 import NF4Linear
 
     if isinstance(target, NF4Linear):
         return NF4LoraLinear(target)

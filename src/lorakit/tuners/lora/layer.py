@@ -16,18 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from .. import kernels
-from ..config import LoraConfig, is_data_driven_init
-from ..names import LORA_PARAMETERS
-from ..targeting import TargetPlan
-from .base import (
-    AdapterLayer,
-    group_positions,
-    is_contiguous,
-    per_sample,
-    sample_adapters_of,
-    sample_runs,
-)
+from ... import kernels
+from ...names import LORA_PARAMETERS
+from ...targeting import TargetPlan
+from ..base import AdapterLayer, group_positions, is_contiguous, per_sample, sample_adapters_of, sample_runs
+from .config import LoraConfig, is_data_driven_init
 from .dora import MagnitudeVector, dora_factor, row_norm
 
 
@@ -95,8 +88,8 @@ class LoraLayer(AdapterLayer):
         residual (or, for LoftQ, its quantized version) so that `W_new + scaling B A` is `W` (or
         LoftQ's approximation of it). The new weight is a new tensor: a base shared with other
         layers (layer_replication) is never changed under them."""
-        from .. import init as lora_init
-        from ..quant import loftq_init
+        from ... import init as lora_init
+        from ...quant import loftq_init
 
         rows = self._base_rows()
         matrix = rows.reshape(rows.shape[0], -1)
