@@ -92,7 +92,45 @@ class _SampleAdapters:
         _call.sample_adapters = mapping
 
 
-class AdapterLayer(nn.Module):
+class ActiveSet:
+    """The active-adapter state every adapted module shares (AdapterLayer, ModulesToSaveWrapper):
+    which adapters run, whether adapters are disabled, which never train, and the per-sample names
+    of a mixed batch. Subclasses say which trainable holder belongs to which adapter (`_holders`)."""
+
+    # one adapter name per sample while this thread runs a mixed batch (`adapter_names=`), else None
+    sample_adapters = _SampleAdapters()
+
+    def _init_active_set(self) -> None:
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.frozen_adapters: set[str] = set()  # adapters in inference mode never train
+
+    def _holders(self) -> Iterator[tuple[str, nn.Module]]:
+        """(adapter name, module holding its trainable tensors), every pair."""
+        raise NotImplementedError
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make `adapter_names` the active set; active adapters train unless loaded for inference
+        (`frozen_adapters`), the others freeze."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for key, holder in self._holders():
+            holder.requires_grad_(key in names and key not in self.frozen_adapters)
+        self._active_adapter = names
+
+
+class AdapterLayer(ActiveSet, nn.Module):
     """Base class of adapted layers.
 
     Subclasses set `adapter_layer_names` (containers holding trainable per-adapter tensors, keyed
@@ -104,16 +142,12 @@ class AdapterLayer(nn.Module):
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
     supports_mixed_batches = False  # True where forward honours `sample_adapters`
-    # one adapter name per sample while this thread runs a mixed batch (`adapter_names=`), else None
-    sample_adapters = _SampleAdapters()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self._active_adapter: list[str] = []
-        self._disable_adapters = False
+        self._init_active_set()
         self.merged_adapters: list[str] = []
-        self.frozen_adapters: set[str] = set()  # adapters in inference mode never train
         self.module_name = ""  # set by the model, used in error messages
 
     def get_base_layer(self) -> nn.Module:
@@ -130,17 +164,9 @@ class AdapterLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     # ---- the active set -------------------------------------------------------------------
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
+    def _holders(self) -> Iterator[tuple[str, nn.Module]]:
+        for container in self.adapter_layer_names:
+            yield from getattr(self, container).items()
 
     @property
     def merged(self) -> bool:
@@ -153,15 +179,6 @@ class AdapterLayer(nn.Module):
         for container in self.adapter_layer_names:
             names.update(dict.fromkeys(getattr(self, container).keys()))
         return list(names)
-
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        """Make `adapter_names` the active set; active adapters train unless loaded for inference
-        (`frozen_adapters`), the others freeze."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for container in self.adapter_layer_names:
-            for key, holder in getattr(self, container).items():
-                holder.requires_grad_(key in names and key not in self.frozen_adapters)
-        self._active_adapter = names
 
     def enable_adapters(self, enabled: bool) -> None:
         """Switch the adapters on or off; off means the base layer alone (frozen adapters)."""
@@ -280,22 +297,19 @@ class AdapterLayer(nn.Module):
         return f"lorakit.{type(self).__name__}(\n  {super().__repr__()}\n)"
 
 
-class ModulesToSaveWrapper(nn.Module):
+class ModulesToSaveWrapper(ActiveSet, nn.Module):
     """A module trained in full: one copy per adapter beside the frozen original.
 
     `original_module` runs when adapters are disabled or the active adapter has no copy.
     """
 
     supports_mixed_batches = True
-    sample_adapters = _SampleAdapters()  # see AdapterLayer.sample_adapters
 
     def __init__(self, module: nn.Module, adapter_name: str) -> None:
         super().__init__()
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
-        self._active_adapter: list[str] = []
-        self._disable_adapters = False
-        self.frozen_adapters: set[str] = set()
+        self._init_active_set()
         self.add_copy(adapter_name)
 
     def add_copy(self, adapter_name: str) -> None:
@@ -304,19 +318,12 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[adapter_name] = module_copy
         self.original_module.requires_grad_(False)
 
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
+    def _holders(self) -> Iterator[tuple[str, nn.Module]]:
+        return iter(self.modules_to_save.items())
 
     @property
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
-
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for key, module in self.modules_to_save.items():
-            module.requires_grad_(key in names and key not in self.frozen_adapters)
-        self._active_adapter = names
 
     def enable_adapters(self, enabled: bool) -> None:
         self._disable_adapters = not enabled
