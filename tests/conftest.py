@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from .helpers import tiny_llama  # noqa: E402
+from tests.helpers import tiny_llama  # noqa: E402
 
 
 def pytest_collection_modifyitems(items) -> None:
@@ -19,7 +19,7 @@ def pytest_collection_modifyitems(items) -> None:
         path = item.path.as_posix()
         if "/tests/oracle/" in path:
             item.add_marker(pytest.mark.oracle)
-        if path.endswith("/tests/test_cuda.py"):
+        if path.endswith("/tests/kernels/test_cuda.py"):
             item.add_marker(pytest.mark.cuda)
 
 
@@ -40,7 +40,7 @@ def input_ids() -> torch.Tensor:
 def saved_llama(tmp_path_factory) -> str:
     """The folder of a seeded full-precision tiny Llama 64 wide (`quantized_helpers.CONFIG`), for
     loading through bitsandbytes."""
-    from .quantized_helpers import CONFIG
+    from tests.quantized_helpers import CONFIG
 
     torch.manual_seed(0)
     directory = tmp_path_factory.mktemp("llama")

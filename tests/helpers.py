@@ -1,8 +1,12 @@
 """Helpers the tests share: tiny seeded models, random adapter weights, model-state snapshots and
 a `lorakit train` recipe. Fixtures live in `conftest.py`."""
 
+from pathlib import Path
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout: src/, benchmarks/, examples/
 
 
 def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:

@@ -16,8 +16,7 @@ from lorakit import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
-
-from .helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
+from tests.helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
 
 
 def trained(tmp_path, **config):

@@ -16,8 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorakit import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-
-from .helpers import randomize_adapters, tiny_llama
+from tests.helpers import randomize_adapters, tiny_llama
 
 # ---- 1. a save killed at any moment leaves the old or the new adapter ------------------------
 

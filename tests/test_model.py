@@ -7,8 +7,7 @@ from torch import nn
 from lorakit import LoraConfig, PeftModelForCausalLM, get_peft_model, prepare_model_for_kbit_training
 from lorakit.tuners.base import ModulesToSaveWrapper
 from lorakit.tuners.lora.layer import LoraLayer
-
-from .helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
+from tests.helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
 
 
 def logits(model, input_ids):

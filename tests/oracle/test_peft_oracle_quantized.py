@@ -19,7 +19,7 @@ def logits(model, training: bool = True) -> torch.Tensor:
     """Logits in train mode by default (dropout is 0): an inference forward makes bitsandbytes
     repack 4-bit codes for AVX512-BF16 CPUs, and PEFT 0.21.2's DoRA then dequantizes the repacked
     codes as if they were not (weights off by ~0.1); lorakit unpacks them first (see
-    tests/test_quantized.py::test_dequantized_weight_survives_bnb_cpu_repacking)."""
+    tests/tuners/lora/test_quantized.py::test_dequantized_weight_survives_bnb_cpu_repacking)."""
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
     model.train(training)
     with torch.no_grad():

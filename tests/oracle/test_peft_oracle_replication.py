@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import lorakit
-
-from ..helpers import randomize_adapters, tiny_llama
+from tests.helpers import randomize_adapters, tiny_llama
 
 peft = pytest.importorskip("peft")
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import lorakit
-
-from ..helpers import tiny_llama
+from tests.helpers import tiny_llama
 
 peft = pytest.importorskip("peft")
 

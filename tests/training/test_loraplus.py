@@ -11,8 +11,7 @@ from transformers import TrainerCallback
 from lorakit import LoraConfig, PeftModel, get_peft_model
 from lorakit.optimizers import create_loraplus_optimizer
 from lorakit.training import LoraPlusTrainer, LoraPlusTrainingArguments
-
-from .helpers import tiny_llama
+from tests.helpers import tiny_llama
 
 
 def lr_and_decay_by_name(model, optimizer):

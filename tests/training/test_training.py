@@ -14,8 +14,7 @@ from lorakit.training.dpo import pair_logprobs, reference_logprobs
 from lorakit.training.recipe import RecipeError, load_recipe
 from lorakit.training.run import RECIPE_FILE, load_tokenizer, train
 from lorakit.training.trainer import STAGING_FOLDER, LoraPlusTrainer
-
-from .helpers import tiny_bert_recipe
+from tests.helpers import tiny_bert_recipe
 
 # Small, fast runs of the shipped recipes: no eval set unless a test needs one.
 FAST = {"disable_tqdm": True, "logging_steps": 1}

@@ -12,8 +12,7 @@ from lorakit import LoraConfig, get_peft_model
 from lorakit.kernels import grouped
 from lorakit.kernels import linear as fused
 from lorakit.kernels.replay import replay_for
-
-from .helpers import randomize_adapters, tiny_llama
+from tests.helpers import randomize_adapters, tiny_llama
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -12,8 +12,7 @@ from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 import lorakit
 from lorakit import LoraConfig, get_peft_model
 from lorakit.tuners.lora.quantized import QuantizedLinear
-
-from .quantized_helpers import CONFIG, load_quantized, train_losses
+from tests.quantized_helpers import CONFIG, load_quantized, train_losses
 
 bnb = pytest.importorskip("bitsandbytes")
 

@@ -34,7 +34,7 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from .oracle.oracle_helpers import base_model, lora_config, lorakit, perturb_adapters
+from tests.oracle.oracle_helpers import base_model, lora_config, lorakit, perturb_adapters
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

@@ -18,8 +18,7 @@ from lorakit import PeftModel
 from lorakit.cli import main
 from lorakit.training.recipe import shipped_recipes
 from lorakit.training.run import RECIPE_FILE, train
-
-from .helpers import tiny_bert_recipe
+from tests.helpers import tiny_bert_recipe
 
 SFT_FAST = {"disable_tqdm": True, "logging_steps": 1, "eval_file": None}
 

@@ -8,8 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lorakit import LoraConfig, get_peft_model
 from lorakit.targeting import layer_index, name_matches, pattern_value
 from lorakit.tuners.lora.layer import LoraLayer
-
-from .helpers import assert_same_state, state_snapshot
+from tests.helpers import assert_same_state, state_snapshot
 
 
 def adapted(model) -> list[str]:

@@ -10,8 +10,7 @@ import torch
 
 import lorakit
 from lorakit import kernels
-
-from .oracle.oracle_helpers import base_model, lora_config, perturb_adapters
+from tests.oracle.oracle_helpers import base_model, lora_config, perturb_adapters
 
 peft = pytest.importorskip("peft")
 

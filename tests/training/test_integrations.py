@@ -22,9 +22,8 @@ from transformers import (
 
 from lorakit import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from lorakit.integrations import Trainer
-
-from .helpers import randomize_adapters
-from .quantized_helpers import load_quantized
+from tests.helpers import randomize_adapters
+from tests.quantized_helpers import load_quantized
 
 trl = pytest.importorskip("trl")
 

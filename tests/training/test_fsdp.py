@@ -1,6 +1,6 @@
 """Sharded training under real `torchrun --nproc_per_node 2` (gloo, CPU): FSDP2 and FSDP1.
 
-One launch of `tests/distributed/sharded_lora.py` trains the same seeded LoRA Llama in every mode
+One launch of `tests/training/distributed/sharded_lora.py` trains the same seeded LoRA Llama in every mode
 and saves each adapter from rank 0; this file trains the single-process reference on the whole
 batch and checks the sharded runs against it: the loss at every step, and the outputs of each
 saved adapter loaded back into an unsharded model.
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lorakit import PeftModel, get_peft_model_state_dict
+from tests.helpers import REPO_ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "distributed"))
@@ -37,7 +38,7 @@ def sharded_run(tmp_path_factory) -> tuple[dict, str]:
     """The results JSON of one two-rank launch, and the folder holding each mode's adapter."""
     root = tmp_path_factory.mktemp("fsdp")
     result_path, save_root = str(root / "result.json"), str(root / "adapters")
-    src = os.path.join(os.path.dirname(HERE), "src")
+    src = str(REPO_ROOT / "src")
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

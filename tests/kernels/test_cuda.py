@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from lorakit import LoraConfig, get_peft_model
+from tests.helpers import randomize_adapters, tiny_llama
 
-from .helpers import randomize_adapters, tiny_llama
 from .test_kernels import CASES, adapted_linear, outputs_and_grads, reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -15,8 +15,7 @@ import lorakit
 from lorakit import merge_utils as merging
 from lorakit.tuners.lora.layer import LoraLayer
 from lorakit.tuners.lora.weighted import add_weighted_adapter
-
-from .helpers import assert_same_state, state_snapshot
+from tests.helpers import assert_same_state, state_snapshot
 
 
 # ---- the pure functions ------------------------------------------------------------------------

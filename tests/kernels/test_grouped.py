@@ -10,8 +10,7 @@ from torch import nn
 
 from lorakit import LoraConfig, get_peft_model, kernels
 from lorakit.kernels import grouped
-
-from .helpers import randomize_adapters, tiny_llama
+from tests.helpers import randomize_adapters, tiny_llama
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

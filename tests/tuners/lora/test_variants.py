@@ -11,8 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from lorakit import LoftQConfig, LoraConfig, PeftModel, get_peft_model
 from lorakit.tuners.lora.layer import LoraLayer
-
-from .helpers import tiny_llama
+from tests.helpers import tiny_llama
 
 INITS = [True, "gaussian", "pissa", "pissa_niter_4", "olora"]
 

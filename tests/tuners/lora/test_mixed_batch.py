@@ -7,8 +7,7 @@ from torch import nn
 from lorakit import LoraConfig, get_peft_model
 from lorakit.targeting import TargetPlan
 from lorakit.tuners.lora.dispatch import create_lora_layer
-
-from .helpers import randomize_adapters, tiny_llama
+from tests.helpers import randomize_adapters, tiny_llama
 
 NAMES = ["a", "b", "d"]
 

@@ -16,8 +16,7 @@ from safetensors.torch import load_file
 
 import lorakit.save_and_load
 from lorakit.cli import main
-
-from .helpers import tiny_bert_recipe
+from tests.helpers import tiny_bert_recipe
 
 
 def write_recipe(folder, **overrides):

@@ -3,7 +3,7 @@
 Run under `torchrun --nproc_per_node 2 sharded_lora.py RESULT_JSON SAVE_ROOT` (gloo, CPU). Every
 mode trains the same seeded model on the same global batch, each rank on its half, and writes
 the per-step global loss; rank 0 saves a full-shape adapter to `SAVE_ROOT/<mode>`. The reference
-(one process, the whole batch) is `train_single`, imported by `tests/test_fsdp.py`.
+(one process, the whole batch) is `train_single`, imported by `tests/training/test_fsdp.py`.
 """
 
 from __future__ import annotations

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from lorakit import LoraConfig, PeftModel, get_peft_model
-
-from .helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
+from tests.helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
 
 LAYER_MAP = [[0, 4], [2, 4]]  # 0 1 2 3 2 3
 

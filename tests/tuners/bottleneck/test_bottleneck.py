@@ -22,9 +22,8 @@ from lorakit.optimizers import create_loraplus_optimizer
 from lorakit.training import LoraPlusTrainer, LoraPlusTrainingArguments
 from lorakit.tuners.bottleneck.layer import BottleneckLayer
 from lorakit.tuners.lora.layer import LoraLayer
-
-from .helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
-from .test_loraplus import Tokens, lr_and_decay_by_name
+from tests.helpers import assert_same_state, randomize_adapters, state_snapshot, tiny_llama
+from tests.training.test_loraplus import Tokens, lr_and_decay_by_name
 
 ARCHITECTURES = ("bert", "llama", "gpt2", "t5")
 PRESETS = ("houlsby", "pfeiffer", "parallel")

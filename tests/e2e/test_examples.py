@@ -5,14 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from tests.helpers import REPO_ROOT  # noqa: E402
+
+EXAMPLES = REPO_ROOT / "examples"
 N_LAYERS, HIDDEN, R, N_LABELS = 6, 384, 8, 3
 
 

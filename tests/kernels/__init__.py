@@ -1,0 +1,1 @@
+"""Tests of the fused and grouped compute (`lorakit.kernels`)."""

@@ -1,0 +1,1 @@
+"""Tests of bottleneck adapters (`lorakit.tuners.bottleneck`)."""

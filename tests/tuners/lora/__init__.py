@@ -1,0 +1,1 @@
+"""Tests of LoRA and its variants (`lorakit.tuners.lora`)."""
