@@ -1,6 +1,7 @@
 """Helpers the tests share: tiny seeded models, random adapter weights, model-state snapshots and
 a `lorakit train` recipe. Fixtures live in `conftest.py`."""
 
+import socket
 from pathlib import Path
 
 import torch
@@ -85,3 +86,10 @@ def tiny_bert_recipe(**overrides) -> dict:
     }
     recipe.update(overrides)
     return recipe
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a torchrun rendezvous (a fixed port may be taken)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -18,7 +18,7 @@ from lorakit import PeftModel
 from lorakit.cli import main
 from lorakit.training.recipe import shipped_recipes
 from lorakit.training.run import RECIPE_FILE, train
-from tests.helpers import tiny_bert_recipe
+from tests.helpers import free_port, tiny_bert_recipe
 
 SFT_FAST = {"disable_tqdm": True, "logging_steps": 1, "eval_file": None}
 
@@ -159,7 +159,7 @@ def test_two_torchrun_processes_match_one_process_with_the_same_global_batch(tmp
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             "-m", "lorakit.cli", "train", str(path), "--output_dir", str(tmp_path / "two"),
             "--per_device_train_batch_size", "8", "--ddp_backend", "gloo",
         ],

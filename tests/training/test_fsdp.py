@@ -8,7 +8,6 @@ saved adapter loaded back into an unsharded model.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from lorakit import PeftModel, get_peft_model_state_dict
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "distributed"))
@@ -25,12 +24,6 @@ import sharded_lora  # noqa: E402
 MODES = ("fsdp2", "fsdp1_orig_params", "fsdp1_flat_params")
 
 pytestmark = pytest.mark.slow  # torchrun starts two processes per mode
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,7 @@ def sharded_run(tmp_path_factory) -> tuple[dict, str]:
     }
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         os.path.join(HERE, "distributed", "sharded_lora.py"), result_path, save_root,
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
