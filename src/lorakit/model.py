@@ -30,7 +30,7 @@ from .tuners.inject import parent_of
 from .tuners.lora.config import LoraConfig, is_data_driven_init
 from .tuners.lora.inject import inject_lora
 from .tuners.lora.layer import LoraLayer, is_gpt2_conv1d
-from .tuners.lora.weighted import plan_weighted_adapter
+from .tuners.lora.weighted import add_weighted_adapter
 
 
 def module_kind(module: nn.Module) -> str:
@@ -261,8 +261,7 @@ class LoraModel(nn.Module):
     ) -> None:
         """Combine existing adapters into a new one (`lorakit.tuners.lora.weighted` plans it, this
         injects it; a failure leaves the model as it was)."""
-        plan = plan_weighted_adapter(self.model, self.peft_config, adapters, weights, adapter_name, **kwargs)
-        self.inject_adapter(adapter_name, plan.config, then=lambda _, name: plan.fill(name))
+        add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs)
 
     # ---- merging and unloading -------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
